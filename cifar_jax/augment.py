@@ -1,0 +1,86 @@
+"""On-device augmentation and normalisation of uint8 image batches (pure, jittable).
+
+Modes:
+  none      normalise only
+  basic     torchvision RandomCrop(32, padding=4) (zero padding) + RandomHorizontalFlip()
+  advanced  basic + ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1), with
+            torchvision's semantics (multiplicative brightness, blends with the grey image,
+            the four operations in a random order per image); colour maths from dm-pix.
+"""
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+
+AUGMENTATIONS = ("none", "basic", "advanced")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+PAD = 4
+JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)
+
+
+def random_crop(key, images, pad: int = PAD):
+    """Crops each image at a random offset from the image zero-padded by `pad` on each side."""
+    n, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
+    crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))  # noqa: E731
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(key, images):
+    """Mirrors each image left-right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+def _blend(image, other, factor):
+    return jnp.clip(factor * image + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def _jitter_one(key, image):
+    """torchvision ColorJitter on one float image in [0, 1]."""
+    kb, kc, ks, kh, korder = jax.random.split(key, 5)
+    b = jax.random.uniform(kb, (), minval=1 - JITTER["brightness"], maxval=1 + JITTER["brightness"])
+    c = jax.random.uniform(kc, (), minval=1 - JITTER["contrast"], maxval=1 + JITTER["contrast"])
+    s = jax.random.uniform(ks, (), minval=1 - JITTER["saturation"], maxval=1 + JITTER["saturation"])
+    h = jax.random.uniform(kh, (), minval=-JITTER["hue"], maxval=JITTER["hue"])
+    ops = (
+        lambda im: jnp.clip(im * b, 0.0, 1.0),
+        lambda im: _blend(im, jnp.mean(pix.rgb_to_grayscale(im)), c),
+        lambda im: _blend(im, pix.rgb_to_grayscale(im, keep_dims=True), s),
+        lambda im: jnp.clip(pix.adjust_hue(im, h), 0.0, 1.0),
+    )
+    order = jax.random.permutation(korder, len(ops))
+    for i in range(len(ops)):
+        image = jax.lax.switch(order[i], ops, image)
+    return image
+
+
+def color_jitter(key, images):
+    """Per-image colour jitter of float images in [0, 1]."""
+    keys = jax.random.split(key, images.shape[0])
+    return jax.vmap(_jitter_one)(keys, images)
+
+
+def normalize(images, dtype=jnp.float32):
+    """uint8 or [0, 1] float images -> standardised with the CIFAR-10 channel statistics."""
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+    mean = jnp.asarray(CIFAR10_MEAN, jnp.float32)
+    std = jnp.asarray(CIFAR10_STD, jnp.float32)
+    return ((images - mean) / std).astype(dtype)
+
+
+def augment(key, images, mode: str, dtype=jnp.float32):
+    """uint8 [N, 32, 32, 3] -> augmented, normalised `dtype` images. `mode` is static."""
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"Unknown augmentation {mode!r}; valid: {', '.join(AUGMENTATIONS)}.")
+    if mode == "none":
+        return normalize(images, dtype)
+    k_crop, k_flip, k_jitter = jax.random.split(key, 3)
+    images = random_flip(k_flip, random_crop(k_crop, images))
+    images = images.astype(jnp.float32) / 255.0
+    if mode == "advanced":
+        images = color_jitter(k_jitter, images)
+    return normalize(images, dtype)

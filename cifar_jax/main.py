@@ -1,0 +1,55 @@
+"""Command line: `python -m cifar_jax.main --config configs/default.py --workdir runs/x`.
+
+A config with a `grid` field (configs/grid.py) runs the whole study; any other config runs
+one training run. Config fields are overridden with --config.FIELD=VALUE.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cifar_jax import config_checks, input_pipeline
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def quiet_library_logs():
+    """Keeps orbax's per-save INFO lines out of the run log (warnings still show)."""
+    import logging as py_logging
+
+    class _Filter(py_logging.Filter):
+        def filter(self, record):
+            return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+    logging.get_absl_handler().addFilter(_Filter())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    quiet_library_logs()
+    from cifar_jax import train  # after flag parsing: keeps --help fast
+
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (config_checks.ConfigError, input_pipeline.DataError, OSError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except train.Preempted as e:
+        logging.warning("%s", e)
+        print(str(e), file=sys.stderr)
+        sys.exit(143)
+    except train.Diverged as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,43 @@
+"""AlexNet adapted to 32x32 CIFAR images (no BatchNorm).
+
+Five 3x3 convs (the first at stride 2) with three 2x2 max-pools leave a 2x2x256 map, which
+feeds a 4096-4096-10 classifier with dropout before each hidden Dense layer.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cifar_jax.models.layers import dropout, torch_default_kernel
+
+
+class AlexNet(nn.Module):
+    num_classes: int = 10
+    dropout_rate: float = 0.5  # default; the train step may pass the rate as data instead
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, dropout_rate: Optional[Any] = None):
+        rate = self.dropout_rate if dropout_rate is None else dropout_rate
+        conv = lambda f, s, name: nn.Conv(  # noqa: E731
+            f, (3, 3), (s, s), padding=((1, 1), (1, 1)), kernel_init=torch_default_kernel,
+            dtype=self.dtype, name=name)
+        pool = lambda y: nn.max_pool(y, (2, 2), (2, 2))  # noqa: E731
+        dense = lambda f, name: nn.Dense(  # noqa: E731
+            f, kernel_init=torch_default_kernel, dtype=self.dtype, name=name)
+
+        x = x.astype(self.dtype)
+        x = pool(nn.relu(conv(64, 2, "conv1")(x)))
+        x = pool(nn.relu(conv(192, 1, "conv2")(x)))
+        x = nn.relu(conv(384, 1, "conv3")(x))
+        x = nn.relu(conv(256, 1, "conv4")(x))
+        x = pool(nn.relu(conv(256, 1, "conv5")(x)))
+        # Flatten in PyTorch's (C, H, W) order so converted weights line up with the twin.
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+        x = dropout(x, rate, deterministic=not train, module=self)
+        x = nn.relu(dense(4096, "fc1")(x))
+        x = dropout(x, rate, deterministic=not train, module=self)
+        x = nn.relu(dense(4096, "fc2")(x))
+        x = dense(self.num_classes, "fc3")(x)
+        return x.astype(jnp.float32)

@@ -1,0 +1,79 @@
+"""Layers shared by the CIFAR models, written to match PyTorch semantics exactly.
+
+The models have a PyTorch twin (`cifar_jax.torch_twin`) that must agree layer for layer,
+so the few places where Flax defaults differ from PyTorch are pinned down here.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision initialises convs of ResNet and MobileNetV2 with kaiming_normal_(mode="fan_out",
+# nonlinearity="relu"): an untruncated normal with variance 2 / fan_out.
+conv_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default for nn.Conv2d / nn.Linear weights (kaiming_uniform_(a=sqrt(5))) is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Its default bias is drawn from the same range; Flax
+# initialisers cannot see fan_in for a bias, so biases start at zero here (documented in README).
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm with PyTorch's semantics.
+
+    Differs from `flax.linen.BatchNorm` in one way that matters for parity with PyTorch: the
+    running variance is updated with the *unbiased* batch variance (n / (n - 1)), as
+    `torch.nn.BatchNorm2d` does, while normalisation uses the biased one. Under `jit` with a
+    batch sharded over devices the reductions are global, so statistics cover the global batch.
+
+    Attributes:
+      use_running_average: evaluation mode (use and do not update the running statistics).
+      momentum: Flax-style momentum: running = momentum * running + (1 - momentum) * batch.
+        0.9 here equals PyTorch's momentum=0.1.
+      epsilon: added to the variance, as in PyTorch (1e-5).
+      dtype: computation dtype (e.g. bfloat16); statistics and parameters stay float32.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+        return y.astype(self.dtype)
+
+
+def dropout(x, rate, *, deterministic: bool, rng_collection: str = "dropout", module: nn.Module):
+    """Inverted dropout whose rate may be a traced value.
+
+    `flax.linen.Dropout` needs a Python float rate, which would make every dropout value a
+    separate compilation. Passing the rate as data lets a grid reuse one compiled step.
+    """
+    if deterministic:
+        return x
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(module.make_rng(rng_collection), keep, x.shape)
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))

@@ -1,0 +1,19 @@
+"""A small run on synthetic data: finishes in well under 2 minutes on a 2-core CPU."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model = "alexnet"
+    config.learning_rate = 0.001
+    config.weight_decay = 5e-4
+    config.num_epochs = 3
+    config.batch_size = 64
+    config.eval_batch_size = 250
+    config.data.source = "synthetic"
+    config.data.val_size = 500
+    config.data.synthetic_train_size = 3000
+    config.data.synthetic_test_size = 500
+    config.log_every_steps = 10
+    return config
