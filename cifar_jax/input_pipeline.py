@@ -198,17 +198,22 @@ def load_tfds(data_dir: Optional[str]) -> Tuple[Split, Split]:
     from cifar_jax import tf_runtime
     tf_runtime.hide_gpus_from_tensorflow()
     try:
-        splits = tfds.load("cifar10", split=["train", "test"], batch_size=-1,
-                           as_supervised=True, data_dir=data_dir)
+        splits = tfds.load("cifar10", split=["train", "test"], as_supervised=True,
+                           data_dir=data_dir)
     except Exception as e:
         raise DataError(
             f"CIFAR-10 could not be loaded or downloaded by tensorflow-datasets "
             f"(data_dir={data_dir!r}): {type(e).__name__}: {e}\nOffline, point the run at a "
             "copy you already have: --config.data.source=cifar_dir:/path/to/cifar-10-batches-py "
             "or --config.data.source=folder:/path/to/cifar10_images(.tar.gz).") from e
-    (tr_x, tr_y), (te_x, te_y) = tfds.as_numpy(splits)
-    return (Split(np.asarray(tr_x, np.uint8), np.asarray(tr_y, np.int32)),
-            Split(np.asarray(te_x, np.uint8), np.asarray(te_y, np.int32)))
+
+    def to_split(ds):
+        # Batched iteration rather than batch_size=-1, which aborts inside TF on some builds.
+        images, labels = zip(*tfds.as_numpy(ds.batch(10_000)))
+        return Split(np.concatenate(images).astype(np.uint8),
+                     np.concatenate(labels).astype(np.int32))
+
+    return to_split(splits[0]), to_split(splits[1])
 
 
 def make_synthetic(num_train: int, num_test: int, seed: int = 1234) -> Tuple[Split, Split]:

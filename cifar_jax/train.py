@@ -15,7 +15,7 @@ import signal
 import socket
 import tempfile
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import jax
@@ -327,10 +327,17 @@ def _log_epoch(epoch: int, num_epochs: int, record: Dict[str, Any], eta: float):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
+                       dataset: Optional[input_pipeline.Dataset] = None,
+                       stop_requested: Optional[Callable[[int], bool]] = None
+                       ) -> Dict[str, Any]:
     """Trains `config` in `workdir` (resuming if it holds a run); returns the result dict.
 
-    `dataset` may be passed in to share one loaded data set across several runs (the grid).
+    Args:
+      config: the run's config (configs/default.py documents every field).
+      workdir: where checkpoints, metrics and results go; a run found there is resumed.
+      dataset: an already loaded data set, to share one across several runs (the grid).
+      stop_requested: called with the step after each step; True stops the run like SIGTERM
+        does (checkpoint, then `Preempted`). Signals always stop it too.
     """
     num_devices = jax.device_count()
     config_checks.validate_config(config, num_devices)
@@ -376,6 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt_step, ckpt, meta = restored
         state, epoch_metrics = _from_checkpoint(state, ckpt)
         state = jax.device_put(state, rep)
+        _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=ckpt_step)
         logging.info("Resumed from %s/checkpoints/%d (epoch %d, step %d of %d).", workdir,
                      ckpt_step, ckpt_step // shape.steps_per_epoch + 1, ckpt_step,
                      shape.total_steps)
@@ -444,17 +452,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         writer.write_scalars(step + 1, {"train/loss": last["loss"],
                                                         "train/accuracy": last["accuracy"],
                                                         "train/learning_rate": lr})
-                    if stop.received is not None:
+                    if step + 1 < end and (stop.received is not None or (
+                            stop_requested is not None and stop_requested(step + 1))):
                         _check_finite(pending, ckpts)
                         train_time += time.perf_counter() - t0
                         ckpts.save(int(state.step), _state_for_checkpoint(state, epoch_metrics),
                                    {**meta_now(epoch), "status": "preempted"})
-                        ckpts.wait()
-                        write_result("preempted")
-                        raise Preempted(
-                            f"Stopped by {signal.Signals(stop.received).name} at step "
-                            f"{int(state.step)} (epoch {epoch + 1}); checkpoint saved in "
-                            f"{workdir}/checkpoints. Run the same command to resume.")
+                        raise Preempted(_stop_message(stop, state, epoch, workdir))
                 jax.block_until_ready(state)
                 epoch_time = time.perf_counter() - t0
                 train_time += epoch_time
@@ -483,9 +487,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 writer.flush()
                 last_record = record
                 _log_epoch(epoch, shape.num_epochs, record, progress.eta_seconds(int(state.step)))
+                if epoch + 1 < shape.num_epochs and (stop.received is not None or (
+                        stop_requested is not None and stop_requested(int(state.step)))):
+                    raise Preempted(_stop_message(stop, state, epoch + 1, workdir))
     except Diverged as e:
         ckpts.wait()
         write_result("diverged", error=str(e))
+        writer.close()
+        ckpts.close()
+        raise
+    except Preempted:
+        ckpts.wait()  # the checkpoint is complete before the process exits
+        write_result("preempted")
         writer.close()
         ckpts.close()
         raise
@@ -509,6 +522,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  "train time %s. Results in %s", 100 * t["accuracy"], 100 * best_val,
                  best_epoch + 1, _fmt_time(train_time), result_path)
     return result
+
+
+def _stop_message(stop: "_SignalFlag", state: TrainState, epoch: int, workdir: str) -> str:
+    why = signal.Signals(stop.received).name if stop.received is not None else "request"
+    return (f"Stopped by {why} at step {int(state.step)} (epoch {epoch + 1}); checkpoint saved "
+            f"in {workdir}/checkpoints. Run the same command again to resume.")
+
+
+def _truncate_jsonl(path: str, max_step: int):
+    """Drops per-epoch records written after the checkpoint a run resumes from."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in records if r["step"] <= max_step]
+    if len(keep) != len(records):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, path)
 
 
 def steps_warmup(config, shape: RunShape) -> int:

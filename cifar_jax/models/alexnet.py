@@ -9,7 +9,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cifar_jax.models.layers import dropout, torch_default_kernel
+from cifar_jax.models.layers import dropout, torch_default_bias, torch_default_kernel
 
 
 class AlexNet(nn.Module):
@@ -20,24 +20,30 @@ class AlexNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, dropout_rate: Optional[Any] = None):
         rate = self.dropout_rate if dropout_rate is None else dropout_rate
-        conv = lambda f, s, name: nn.Conv(  # noqa: E731
-            f, (3, 3), (s, s), padding=((1, 1), (1, 1)), kernel_init=torch_default_kernel,
-            dtype=self.dtype, name=name)
+        def conv(y, f, s, name):
+            return nn.Conv(f, (3, 3), (s, s), padding=((1, 1), (1, 1)),
+                           kernel_init=torch_default_kernel,
+                           bias_init=torch_default_bias(9 * y.shape[-1]),
+                           dtype=self.dtype, name=name)(y)
+
+        def dense(y, f, name):
+            return nn.Dense(f, kernel_init=torch_default_kernel,
+                            bias_init=torch_default_bias(y.shape[-1]), dtype=self.dtype,
+                            name=name)(y)
+
         pool = lambda y: nn.max_pool(y, (2, 2), (2, 2))  # noqa: E731
-        dense = lambda f, name: nn.Dense(  # noqa: E731
-            f, kernel_init=torch_default_kernel, dtype=self.dtype, name=name)
 
         x = x.astype(self.dtype)
-        x = pool(nn.relu(conv(64, 2, "conv1")(x)))
-        x = pool(nn.relu(conv(192, 1, "conv2")(x)))
-        x = nn.relu(conv(384, 1, "conv3")(x))
-        x = nn.relu(conv(256, 1, "conv4")(x))
-        x = pool(nn.relu(conv(256, 1, "conv5")(x)))
+        x = pool(nn.relu(conv(x, 64, 2, "conv1")))
+        x = pool(nn.relu(conv(x, 192, 1, "conv2")))
+        x = nn.relu(conv(x, 384, 1, "conv3"))
+        x = nn.relu(conv(x, 256, 1, "conv4"))
+        x = pool(nn.relu(conv(x, 256, 1, "conv5")))
         # Flatten in PyTorch's (C, H, W) order so converted weights line up with the twin.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         x = dropout(x, rate, deterministic=not train, module=self)
-        x = nn.relu(dense(4096, "fc1")(x))
+        x = nn.relu(dense(x, 4096, "fc1"))
         x = dropout(x, rate, deterministic=not train, module=self)
-        x = nn.relu(dense(4096, "fc2")(x))
-        x = dense(self.num_classes, "fc3")(x)
+        x = nn.relu(dense(x, 4096, "fc2"))
+        x = dense(x, self.num_classes, "fc3")
         return x.astype(jnp.float32)

@@ -9,7 +9,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cifar_jax.models.layers import BatchNorm, conv_kaiming_fan_out, torch_default_kernel
+from cifar_jax.models.layers import (BatchNorm, conv_kaiming_fan_out, torch_default_bias,
+                                     torch_default_kernel)
 
 
 class BasicBlock(nn.Module):
@@ -57,6 +58,6 @@ class ResNet18(nn.Module):
                 x = BasicBlock(width, strides, dtype=self.dtype,
                                name=f"layer{stage + 1}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, kernel_init=torch_default_kernel, dtype=self.dtype,
-                     name="fc")(x)
+        x = nn.Dense(self.num_classes, kernel_init=torch_default_kernel,
+                     bias_init=torch_default_bias(x.shape[-1]), dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.float32)

@@ -1,0 +1,177 @@
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_jax import input_pipeline as ip
+from cifar_jax.input_pipeline import DataError
+
+
+def _data_config(source, val_size=20, split_seed=0):
+    from configs import default
+
+    c = default.get_config().data
+    c.source = source
+    c.val_size = val_size
+    c.split_seed = split_seed
+    c.synthetic_train_size = 200
+    c.synthetic_test_size = 50
+    return c
+
+
+def _images(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def cifar_pickle_dir(tmp_path):
+    """A tiny cifar-10-batches-py folder: 5 train batches of 20 and a test batch of 20."""
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    expected = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        images = _images(20, i)
+        labels = [j % 10 for j in range(20)]
+        data = images.transpose(0, 3, 1, 2).reshape(20, -1)  # CIFAR's row-major CHW rows
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        expected[name] = (images, np.array(labels))
+    return str(d), expected
+
+
+def _write_tree(root, per_class=(4, 2), classes=ip.CIFAR10_CLASSES, fmt="PNG"):
+    written = {}
+    for split, n in zip(("train", "test"), per_class):
+        for ci, cls in enumerate(classes):
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for k in range(n):
+                img = _images(1, hash((split, ci, k)) % 2**32)[0]
+                path = os.path.join(root, split, cls, f"{k:04d}.{fmt.lower()}")
+                Image.fromarray(img).save(path, format=fmt)
+                written[(split, cls, k)] = img
+    return written
+
+
+def test_cifar_dir_reads_pickles_exactly(cifar_pickle_dir):
+    path, expected = cifar_pickle_dir
+    train, test = ip.load_cifar_dir(path)
+    assert train.images.shape == (100, 32, 32, 3) and train.images.dtype == np.uint8
+    np.testing.assert_array_equal(train.images[:20], expected["data_batch_1"][0])
+    np.testing.assert_array_equal(test.images, expected["test_batch"][0])
+    np.testing.assert_array_equal(test.labels, expected["test_batch"][1])
+
+
+def test_cifar_dir_full_dataset_split(cifar_pickle_dir):
+    path, _ = cifar_pickle_dir
+    ds = ip.load_dataset(_data_config(f"cifar_dir:{path}", val_size=20))
+    assert len(ds.train) == 80 and len(ds.val) == 20 and len(ds.test) == 20
+    assert np.bincount(ds.val.labels, minlength=10).tolist() == [2] * 10
+
+
+def test_folder_directory_and_archive_agree(tmp_path):
+    tree = tmp_path / "tree"
+    written = _write_tree(str(tree))
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="cifar10")  # one wrapping top-level folder is accepted
+    from_dir = ip.load_folder(str(tree))
+    from_tar = ip.load_folder(str(archive))
+    for a, b in zip(from_dir, from_tar):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    train, test = from_dir
+    assert len(train) == 40 and len(test) == 20
+    # Class index = position of the sorted folder name; PNG is lossless.
+    idx = ip.CIFAR10_CLASSES.index("cat")
+    np.testing.assert_array_equal(train.images[train.labels == idx][1], written[("train", "cat", 1)])
+
+
+def test_folder_jpeg(tmp_path):
+    _write_tree(str(tmp_path), per_class=(1, 1), fmt="JPEG")
+    train, test = ip.load_folder(str(tmp_path))
+    assert train.images.shape == (10, 32, 32, 3)
+    np.testing.assert_array_equal(train.labels, np.arange(10))
+
+
+def test_missing_path_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        ip.load_dataset(_data_config(f"folder:{tmp_path}/nope"))
+    with pytest.raises(DataError, match="does not exist"):
+        ip.load_dataset(_data_config(f"cifar_dir:{tmp_path}/nope"))
+
+
+def test_wrong_layout_says_what_was_found(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.fromarray(_images(1, 0)[0]).save(tmp_path / "images" / "a.png")
+    with pytest.raises(DataError, match=r"wrong layout.*images.*Expected train/<class>"):
+        ip.load_folder(str(tmp_path))
+    with pytest.raises(DataError, match="lacks data_batch_1"):
+        ip.load_cifar_dir(str(tmp_path))
+
+
+def test_wrong_number_of_classes(tmp_path):
+    _write_tree(str(tmp_path), per_class=(1, 1), classes=ip.CIFAR10_CLASSES[:9])
+    with pytest.raises(DataError, match="10 class folders.*found 9"):
+        ip.load_folder(str(tmp_path))
+
+
+def test_unreadable_image_is_named(tmp_path):
+    _write_tree(str(tmp_path), per_class=(1, 1))
+    bad = tmp_path / "train" / "dog" / "0000.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"train/dog/0000.png"):
+        ip.load_folder(str(tmp_path))
+
+
+def test_invalid_source_string():
+    with pytest.raises(DataError, match="cifar_dir:PATH"):
+        ip.parse_source("imagenet")
+
+
+def test_tfds_offline_error_shows_alternatives(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds, "load", offline)
+    with pytest.raises(DataError, match=r"(?s)could not be loaded or downloaded.*cifar_dir:.*folder:"):
+        ip.load_tfds(str(tmp_path))
+
+
+def test_tfds_source_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=200):
+        ds = ip.load_dataset(_data_config("tfds", val_size=10))
+    assert ds.train.images.dtype == np.uint8 and ds.train.images.shape[1:] == (32, 32, 3)
+    assert len(ds.train) + len(ds.val) == 200 and len(ds.val) == 10
+
+
+def test_synthetic_is_deterministic_and_any_size():
+    a = ip.load_dataset(_data_config("synthetic"))
+    b = ip.load_dataset(_data_config("synthetic"))
+    np.testing.assert_array_equal(a.train.images, b.train.images)
+    assert len(a.train) == 180 and len(a.val) == 20 and len(a.test) == 50
+
+
+def test_val_split_is_stratified_fixed_and_disjoint():
+    labels = np.repeat(np.arange(10), 50)  # class by class, like a folder listing
+    idx = ip.stratified_val_indices(labels, 100, split_seed=0)
+    assert np.bincount(labels[idx]).tolist() == [10] * 10
+    np.testing.assert_array_equal(idx, ip.stratified_val_indices(labels, 100, split_seed=0))
+    assert not np.array_equal(idx, ip.stratified_val_indices(labels, 100, split_seed=1))
+    # Not "the last N in file order".
+    assert idx.min() < 50
+
+
+def test_val_size_zero_and_too_large():
+    ds = ip.load_dataset(_data_config("synthetic", val_size=0))
+    assert ds.val is None and len(ds.train) == 200
+    with pytest.raises(DataError, match="val_size=200"):
+        ip.load_dataset(_data_config("synthetic", val_size=200))

@@ -1,0 +1,93 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_jax.models import get_model
+
+PARAM_COUNTS = {"resnet18": 11_173_962, "alexnet": 23_272_266, "mobilenetv2": 2_236_682}
+
+
+def _init(model, batch=2):
+    return model.init(jax.random.PRNGKey(0), jnp.zeros((batch, 32, 32, 3)), train=False)
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_parameter_count(name):
+    variables = jax.eval_shape(lambda: _init(get_model(name)))
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+    assert count == PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_output_shape_and_dtype(name):
+    model = get_model(name)
+    variables = _init(model)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
+    logits = model.apply(variables, x, train=False)
+    assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+
+
+def test_bf16_compute_keeps_fp32_params():
+    model = get_model("mobilenetv2", dtype=jnp.bfloat16)
+    variables = _init(model)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    logits = model.apply(variables, jnp.ones((2, 32, 32, 3)), train=False)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="alexnet, mobilenetv2, resnet18"):
+        get_model("vgg16")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_batch_norm_stats_update_only_in_train_mode(name):
+    model = get_model(name)
+    variables = _init(model)
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 32, 32, 3)) * 2 + 1
+    # Eval mode: running statistics are used and are not a mutable output.
+    out_eval = model.apply(variables, x, train=False)
+    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.PRNGKey(0)})
+    before = jax.tree.leaves(variables["batch_stats"])
+    after = jax.tree.leaves(updated["batch_stats"])
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+    # Train mode normalises with batch statistics: differs from eval mode on this input.
+    out_train, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.PRNGKey(0)}, dropout_rate=0.0)
+    assert not np.allclose(out_eval, out_train, atol=1e-3)
+
+
+def test_batch_norm_running_var_is_unbiased_like_pytorch():
+    from cifar_jax.models.layers import BatchNorm
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 2, 3)) * 3
+    bn = BatchNorm()
+    v = bn.init(jax.random.PRNGKey(0), x)
+    _, upd = bn.apply(v, x, mutable=["batch_stats"])
+    n = 8
+    unbiased = np.var(np.asarray(x).reshape(n, 3), axis=0, ddof=1)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * unbiased, rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"],
+                               0.1 * np.asarray(x).reshape(n, 3).mean(0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "mobilenetv2"])
+def test_dropout_only_in_train_mode(name):
+    model = get_model(name)
+    variables = _init(model)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, 32, 3))
+    a = model.apply(variables, x, train=False)
+    b = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(a, b)
+    kwargs = dict(train=True, mutable=["batch_stats"])
+    t1, _ = model.apply(variables, x, rngs={"dropout": jax.random.PRNGKey(1)}, **kwargs)
+    t2, _ = model.apply(variables, x, rngs={"dropout": jax.random.PRNGKey(2)}, **kwargs)
+    assert not np.allclose(t1, t2)  # different dropout masks
+    s1, _ = model.apply(variables, x, rngs={"dropout": jax.random.PRNGKey(1)},
+                        dropout_rate=0.0, **kwargs)
+    s2, _ = model.apply(variables, x, rngs={"dropout": jax.random.PRNGKey(2)},
+                        dropout_rate=0.0, **kwargs)
+    np.testing.assert_allclose(s1, s2, rtol=1e-6)  # rate 0 passed as data: no dropout

@@ -1,0 +1,181 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_jax import config_checks, input_pipeline, metric_writing, optim, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_short_run_learns_and_writes_outputs(tiny_config, tmp_path):
+    tiny_config.num_epochs = 3
+    result = train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert result["status"] == "completed"
+    assert result["test_accuracy"] > 0.3  # chance is 0.1
+    records = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert json.load(open(tmp_path / "result.json"))["test_accuracy"] == result["test_accuracy"]
+    assert os.listdir(tmp_path / "checkpoints")  # orbax checkpoints
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+    assert json.load(open(tmp_path / "config.json"))["model"] == "alexnet"
+
+    # A finished run, rerun, only returns its result.
+    again = train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert again == result
+    assert len(_read_jsonl(tmp_path / "metrics.jsonl")) == 3
+
+    # A result-changing config change is refused, naming the field.
+    tiny_config.learning_rate = 0.01
+    with pytest.raises(config_checks.ConfigError, match="learning_rate: stored 0.001, now 0.01"):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def _numpy_reference(name, p, g, lr, wd, steps):
+    """PyTorch's update rules, written out (torch.optim.SGD / Adam / AdamW docs)."""
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t in range(1, steps + 1):
+        grad = g.copy()
+        if name in ("sgd", "adam"):
+            grad = grad + wd * p
+        if name == "sgd":
+            m = 0.9 * m + grad if t > 1 else grad
+            p = p - lr * m
+            continue
+        if name == "adamw":
+            p = p * (1 - lr * wd)
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad ** 2
+        mhat, vhat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
+        p = p - lr * mhat / (np.sqrt(vhat) + 1e-8)
+    return p
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_optimizer_matches_pytorch_weight_decay_semantics(name):
+    rng = np.random.default_rng(0)
+    p0 = rng.normal(size=(5, 3)).astype(np.float32)
+    g = rng.normal(size=(5, 3)).astype(np.float32)
+    lr, wd = 0.1, 0.05
+    # A long schedule keeps the multiplier at ~1 for these few steps.
+    tx = optim.make_optimizer(name, total_steps=10**9)
+    state = optim.with_hyperparams(tx.init(jnp.asarray(p0)), lr, wd)
+    p = jnp.asarray(p0)
+    for _ in range(3):
+        updates, state = tx.update(jnp.asarray(g), state, p)
+        p = p + updates
+    np.testing.assert_allclose(p, _numpy_reference(name, p0, g, lr, wd, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_decay_mask_skips_bn_and_bias():
+    tx = optim.make_optimizer("sgd", 10**9, decay_bn_and_bias=False)
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    state = optim.with_hyperparams(tx.init(params), 1.0, 0.5)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, state, params)
+    np.testing.assert_allclose(updates["kernel"], -0.5)
+    np.testing.assert_allclose(updates["bias"], 0.0)
+
+
+def test_cosine_schedule_per_step():
+    total = 20
+    lrs = [float(optim.learning_rate_at(t, 0.1, total)) for t in range(total + 1)]
+    expected = [0.1 * 0.5 * (1 + np.cos(np.pi * t / total)) for t in range(total + 1)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-9)
+    warm = [float(optim.learning_rate_at(t, 0.1, total, warmup_steps=5)) for t in range(6)]
+    np.testing.assert_allclose(warm, [0, 0.02, 0.04, 0.06, 0.08, 0.1], atol=1e-7)
+
+
+def test_evaluation_counts_every_example_once(tiny_config):
+    ds = input_pipeline.load_dataset(tiny_config.data)
+    shape = train.RunShape(len(ds.train), 32, len(ds.train) // 32, 1)
+    model = train.build_model(tiny_config)
+    state = train.create_train_state(jax.random.PRNGKey(0), tiny_config, model, shape)
+    spec = train.StaticSpec("alexnet", "float32", "basic", 0.0, 32, 32, shape.steps_per_epoch, 1)
+    steps = train.compiled_steps(spec)
+    split = input_pipeline.Split(ds.test.images[:70], ds.test.labels[:70])
+    dev = train.put_eval_split(split, 32, steps.replicated)
+    assert dev.num_batches == 3
+    total = None
+    for i in range(dev.num_batches):
+        m = steps.eval(state, dev.images, dev.labels, dev.mask, i)
+        total = m if total is None else total.merge(m)
+    assert int(total.accuracy.count) == 70
+    logits = model.apply({"params": state.params}, input_pipeline_normalize(split.images))
+    expected = np.mean(np.argmax(logits, -1) == split.labels)
+    assert abs(float(total.compute()["accuracy"]) - expected) < 1e-6
+
+
+def input_pipeline_normalize(images):
+    from cifar_jax import augment
+    return augment.normalize(jnp.asarray(images))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model", "vgg16", "config.model='vgg16' is not valid; choose one of: alexnet, mobilenetv2"),
+    ("optimizer", "rmsprop", "config.optimizer='rmsprop'.*sgd, adam, adamw"),
+    ("learning_rate", -0.1, "config.learning_rate=-0.1 .*positive number"),
+    ("num_epochs", 0, "config.num_epochs=0 .*positive integer"),
+    ("batch_size", 0, "config.batch_size=0"),
+])
+def test_invalid_config_names_field_value_and_choices(tiny_config, field, value, message):
+    tiny_config[field] = value
+    with pytest.raises(config_checks.ConfigError, match=message):
+        config_checks.validate_config(tiny_config, num_devices=1)
+
+
+def test_invalid_augmentation_and_device_divisibility(tiny_config):
+    tiny_config.data.augmentation = "strong"
+    tiny_config.batch_size = 30
+    with pytest.raises(config_checks.ConfigError) as e:
+        config_checks.validate_config(tiny_config, num_devices=4)
+    assert "config.data.augmentation='strong'" in str(e.value)
+    assert "none, basic, advanced" in str(e.value)
+    assert "batch_size=30 is not divisible by the 4 devices" in str(e.value)
+
+
+def test_val_size_must_be_smaller_than_train(tiny_config):
+    tiny_config.data.val_size = 360
+    with pytest.raises(config_checks.ConfigError, match="val_size=360"):
+        config_checks.validate_config(tiny_config, num_devices=1)
+
+
+def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="is not writable"):
+        train.train_and_evaluate(tiny_config, str(blocker / "run"))
+
+
+def test_writer_without_tensorflow_falls_back_to_jsonl(tmp_path, monkeypatch):
+    from cifar_jax import tf_runtime
+
+    monkeypatch.setattr(tf_runtime, "hide_gpus_from_tensorflow", lambda: False)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
+    writer = metric_writing.create_writer(str(tmp_path))
+    writer.write_scalars(3, {"train/loss": 1.5})
+    writer.close()
+    assert _read_jsonl(tmp_path / "scalars.jsonl") == [{"step": 3, "train/loss": 1.5}]
+
+
+def test_cli_rejects_bad_config_before_compiling(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_jax.main", "--config", "configs/smoke.py",
+         "--workdir", str(tmp_path / "w"), "--config.model=vgg16",
+         "--config.learning_rate=0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "config.model='vgg16'" in proc.stderr and "alexnet, mobilenetv2, resnet18" in proc.stderr
+    assert "config.learning_rate=0" in proc.stderr
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
