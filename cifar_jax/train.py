@@ -85,10 +85,16 @@ def make_tx(config, shape: RunShape):
                                 config.momentum, config.nesterov, config.decay_bn_and_bias)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model):
+    """One compiled initialiser per model definition (modules are hashable dataclasses)."""
+    return jax.jit(functools.partial(model.init, train=False))
+
+
 def create_train_state(rng, config, model, shape: RunShape) -> TrainState:
     """Initialises parameters, BN statistics and optimizer state (hyperparameters as data)."""
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.fold_in(rng, _INIT), jnp.zeros((1, 32, 32, 3), jnp.float32))
+    variables = _jitted_init(model)(jax.random.fold_in(rng, _INIT),
+                                    jnp.zeros((1, 32, 32, 3), jnp.float32))
     tx = make_tx(config, shape)
     state = TrainState.create(
         apply_fn=model.apply, params=variables["params"],
@@ -374,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     rng = jax.random.PRNGKey(config.seed)
     state = jax.device_put(create_train_state(rng, config, model, shape), rep)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    epoch_metrics = Metrics.empty()
+    epoch_metrics = jax.device_put(Metrics.empty(), rep)
 
     ckpts = Checkpoints(workdir, config.checkpoint_max_to_keep)
     restored = ckpts.restore_latest(_state_for_checkpoint(state, epoch_metrics))
@@ -382,7 +388,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if restored is not None:
         ckpt_step, ckpt, meta = restored
         state, epoch_metrics = _from_checkpoint(state, ckpt)
-        state = jax.device_put(state, rep)
+        # The config is the source of truth for the injected hyperparameters (they differ
+        # from the checkpoint's only under allow_config_change).
+        epoch_metrics = jax.device_put(epoch_metrics, rep)
+        state = jax.device_put(state.replace(
+            opt_state=optim.with_hyperparams(state.opt_state, config.learning_rate,
+                                             config.weight_decay),
+            dropout_rate=jnp.asarray(dropout_rate_for(config), jnp.float32)), rep)
         _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=ckpt_step)
         logging.info("Resumed from %s/checkpoints/%d (epoch %d, step %d of %d).", workdir,
                      ckpt_step, ckpt_step // shape.steps_per_epoch + 1, ckpt_step,
@@ -480,7 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 is_best = selection_metric > best_val
                 if is_best:
                     best_val, best_epoch = selection_metric, epoch
-                epoch_metrics = Metrics.empty()
+                epoch_metrics = jax.device_put(Metrics.empty(), rep)
                 ckpts.save(int(state.step), _state_for_checkpoint(state, epoch_metrics),
                            {**meta_now(epoch + 1), "status": "epoch_end"}, best=is_best)
                 metric_writing.append_jsonl(metrics_path, record)

@@ -1,0 +1,309 @@
+"""A run that survives: resume exactness, pre-emption, kill during save, corruption, NaN,
+determinism across processes, several devices, awkward workdirs."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cifar_jax import train
+from cifar_jax.checkpointing import CheckpointError, Checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny AlexNet run for subprocess tests: 30 steps/epoch, 2 epochs.
+CLI_OVERRIDES = ["--config.num_epochs=2", "--config.batch_size=32", "--config.eval_batch_size=100",
+                 "--config.data.synthetic_train_size=1060", "--config.data.val_size=100",
+                 "--config.data.synthetic_test_size=100", "--config.log_every_steps=5"]
+
+
+def _cli(workdir, *extra):
+    return [sys.executable, "-m", "cifar_jax.main", "--config", "configs/smoke.py",
+            "--workdir", str(workdir), *CLI_OVERRIDES, *extra]
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _run_cli(workdir, *extra, env=None):
+    return subprocess.run(_cli(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env or _env())
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    for r in records:  # timings legitimately differ
+        for k in ("epoch_time_s", "images_per_sec"):
+            r.pop(k)
+    return records
+
+
+def _result(workdir):
+    with open(os.path.join(workdir, "result.json")) as f:
+        r = json.load(f)
+    return {k: v for k, v in r.items() if k not in ("train_time_s", "images_per_sec")}
+
+
+def _final_arrays(config, workdir):
+    """The latest checkpoint's params, batch stats and optimizer state as numpy arrays."""
+    ds = train.input_pipeline.load_dataset(config.data)
+    shape = train.RunShape(len(ds.train), config.batch_size,
+                           len(ds.train) // config.batch_size, config.num_epochs)
+    state = train.create_train_state(jax.random.PRNGKey(config.seed), config,
+                                     train.build_model(config), shape)
+    ckpts = Checkpoints(workdir)
+    step, restored, meta = ckpts.restore_latest(
+        train._state_for_checkpoint(state, train.Metrics.empty()))
+    ckpts.close()
+    return step, jax.tree.leaves(jax.device_get(restored["train_state"]))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted CLI run, shared by the comparisons below."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = _run_cli(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_same_seed_gives_identical_metrics_in_two_processes(reference_run, tmp_path):
+    proc = _run_cli(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _metrics(tmp_path) == _metrics(reference_run)
+    assert _result(tmp_path) == _result(reference_run)
+    # And a different seed really changes them.
+    other = tmp_path / "seed1"
+    assert _run_cli(other, "--config.seed=1").returncode == 0
+    assert _metrics(other) != _metrics(reference_run)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig):
+    workdir = tmp_path / "dir with spaces"
+    proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stderr=subprocess.PIPE, text=True, env=_env())
+    lines = []
+    for line in proc.stderr:  # wait until training is under way (first train log at step 5)
+        lines.append(line)
+        if "train/loss" in line:
+            proc.send_signal(sig)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=300) == 143, "".join(lines[-20:]) + rest[-2000:]
+    assert f"Stopped by {signal.Signals(sig).name} at step" in rest
+    assert _result(workdir)["status"] == "preempted"
+    ckpts = Checkpoints(str(workdir))
+    step = ckpts.latest.latest_step()
+    ckpts.close()
+    assert 0 < step < 30, f"expected a mid-epoch checkpoint, got step {step}"
+
+    resumed = _run_cli(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {workdir}/checkpoints/{step}" in resumed.stderr
+    assert _metrics(workdir) == _metrics(reference_run)
+    assert _result(workdir) == _result(reference_run)
+
+
+def test_kill_during_save_keeps_previous_checkpoint(reference_run, tmp_path):
+    proc = subprocess.Popen(_cli(tmp_path), cwd=ROOT, stderr=subprocess.DEVNULL, env=_env())
+    killed_during_save = False
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        # orbax writes a step into a temporary directory and renames it when complete.
+        tmp = glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))
+        done = [d for d in glob.glob(str(tmp_path / "checkpoints" / "*")) if d.split("/")[-1].isdigit()]
+        if tmp and done:  # the second epoch's save is in flight, the first is complete
+            proc.send_signal(signal.SIGKILL)
+            killed_during_save = True
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    assert killed_during_save, "the save was never caught in flight"
+
+    resumed = _run_cli(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {tmp_path}/checkpoints/30" in resumed.stderr
+    assert not glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))  # cleaned up
+    assert _metrics(tmp_path) == _metrics(reference_run)
+    assert _result(tmp_path) == _result(reference_run)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process tests on the tiny config (8 steps per epoch).
+
+
+@pytest.mark.parametrize("model", ["alexnet", "mobilenetv2", "resnet18"])
+def test_resume_at_boundaries_is_bit_exact(tiny_config, tmp_path, model):
+    tiny_config.model = model
+    if model != "alexnet":  # heavy on the CPU: 2 steps per epoch
+        tiny_config.data.synthetic_train_size = 84
+        tiny_config.data.val_size = 20
+        tiny_config.data.synthetic_test_size = 20
+        tiny_config.eval_batch_size = 20
+    spe = (tiny_config.data.synthetic_train_size - tiny_config.data.val_size) // 32
+    straight = train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+
+    stepped = str(tmp_path / "stepped")
+    for stop_at in (1, spe):  # mid-epoch, then an epoch boundary
+        with pytest.raises(train.Preempted):
+            train.train_and_evaluate(tiny_config, stepped, stop_requested=lambda s, k=stop_at: s == k)
+    resumed = train.train_and_evaluate(tiny_config, stepped)
+
+    assert {k: v for k, v in resumed.items() if k not in ("train_time_s", "images_per_sec")} == \
+           {k: v for k, v in straight.items() if k not in ("train_time_s", "images_per_sec")}
+    assert _metrics(stepped) == _metrics(tmp_path / "straight")
+    step_a, a = _final_arrays(tiny_config, str(tmp_path / "straight"))
+    step_b, b = _final_arrays(tiny_config, stepped)
+    assert step_a == step_b == 2 * spe
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_corrupt_latest_checkpoint_falls_back(tiny_config, tmp_path, caplog):
+    caplog.set_level("INFO")
+    workdir = str(tmp_path / "run")
+    done = train.train_and_evaluate(tiny_config, workdir)
+    os.remove(os.path.join(workdir, "result.json"))
+    files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", "16", "state", "**"),
+                                  recursive=True) if os.path.isfile(f) and os.path.getsize(f) > 1000]
+    for f in files:  # truncate the data files of the latest step
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+    again = train.train_and_evaluate(tiny_config, workdir)
+    assert "checkpoints/16 is unreadable" in caplog.text
+    assert "Resumed from" in caplog.text and "checkpoints/8 " in caplog.text
+    assert again["test_loss"] == done["test_loss"]  # epoch 2 retrained to the same result
+
+    # Nothing readable: stop, never start from scratch over existing checkpoints.
+    os.remove(os.path.join(workdir, "result.json"))
+    for step_dir in glob.glob(os.path.join(workdir, "checkpoints", "*")):
+        for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True):
+            if os.path.isfile(f):
+                os.remove(f)
+    with pytest.raises(CheckpointError, match="Refusing to start from scratch"):
+        train.train_and_evaluate(tiny_config, workdir)
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    workdir = str(tmp_path)
+    tiny_config.optimizer = "sgd"
+    tiny_config.learning_rate = 0.01
+    with pytest.raises(train.Preempted):
+        train.train_and_evaluate(tiny_config, workdir, stop_requested=lambda s: s == 8)
+    tiny_config.learning_rate = 1e4  # diverges within a few steps
+    tiny_config.allow_config_change = True
+    with pytest.raises(train.Diverged, match=r"Non-finite loss .* at step 1[0-6]\. The last good "
+                                             r"checkpoint is .*checkpoints/8 "):
+        train.train_and_evaluate(tiny_config, workdir)
+    result = json.load(open(os.path.join(workdir, "result.json")))
+    assert result["status"] == "diverged" and "Non-finite" in result["error"]
+    ckpts = Checkpoints(workdir)
+    assert ckpts.latest.all_steps() == [8]
+    ckpts.close()
+    step, leaves = _final_arrays(tiny_config, workdir)
+    assert step == 8 and all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def test_checkpoint_retention_and_best_pointer(tiny_config, tmp_path):
+    tiny_config.num_epochs = 3
+    tiny_config.checkpoint_max_to_keep = 2
+    result = train.train_and_evaluate(tiny_config, str(tmp_path))
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert steps == [16, 24]
+    best = json.load(open(tmp_path / "best.json"))
+    assert best["best_val_accuracy"] == result["best_val_accuracy"]
+    assert os.listdir(tmp_path / "best_checkpoint") == [str(best["step"])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Several devices (subprocesses with 4 CPU devices).
+
+_MULTI = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from configs import default
+from cifar_jax import train
+from cifar_jax.models.layers import BatchNorm
+
+# BatchNorm under the data-parallel mesh: statistics and gradients of the global batch.
+class ConvBN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(2):
+            x = nn.relu(BatchNorm()(nn.Conv(8, (3, 3))(x)))
+        return jnp.mean(x ** 2)
+
+x = jax.random.normal(jax.random.PRNGKey(0), (32, 8, 8, 3)) * jnp.arange(32)[:, None, None, None] / 8
+mesh = Mesh(np.array(jax.devices()), ("data",))
+v = ConvBN().init(jax.random.PRNGKey(1), x)
+def loss(p):
+    xs = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+    out, upd = ConvBN().apply({{**v, "params": p}}, xs, mutable=["batch_stats"])
+    return out, upd
+(l, upd), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+bn = {{"loss": float(l), "stats": [np.asarray(a).tolist() for a in jax.tree.leaves(upd)],
+       "grads": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(g)]}}
+
+c = default.get_config()
+c.model = "alexnet"; c.num_epochs = 2; c.batch_size = 32; c.eval_batch_size = 20
+c.log_every_steps = 1; c.data.source = "synthetic"; c.data.synthetic_train_size = 180
+c.data.val_size = 20; c.data.synthetic_test_size = 20
+stop = {stop}
+try:
+    train.train_and_evaluate(c, {workdir!r}, stop_requested=(lambda s: s == stop) if stop else None)
+except train.Preempted:
+    pass
+print("RESULT", json.dumps({{"devices": jax.device_count(), "bn": bn}}))
+"""
+
+
+def _multi(workdir, devices, stop=0):
+    env = _env()
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run([sys.executable, "-c", _MULTI.format(root=ROOT, workdir=str(workdir),
+                                                               stop=stop)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert out["devices"] == devices
+    return out["bn"]
+
+
+def test_one_and_four_devices_agree_and_checkpoints_move_between_them(tmp_path):
+    bn_one = _multi(tmp_path / "one", 1)
+    bn_four = _multi(tmp_path / "four_then_one", 4, stop=3)  # mid-epoch on 4 devices ...
+    _multi(tmp_path / "four_then_one", 1)  # ... resumed on 1
+    _multi(tmp_path / "one_then_four", 1, stop=5)  # epoch boundary on 1 device ...
+    _multi(tmp_path / "one_then_four", 4)  # ... resumed on 4
+
+    # BatchNorm statistics and gradients are those of the global batch on 4 devices.
+    np.testing.assert_allclose(bn_four["loss"], bn_one["loss"], rtol=1e-5)
+    for a, b in zip(bn_one["stats"] + bn_one["grads"], bn_four["stats"] + bn_four["grads"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    # (Per-device statistics would differ: the batch's scale varies along the batch.)
+
+    one = _metrics(tmp_path / "one")
+    assert len(one) == 2
+    for other in ("four_then_one", "one_then_four"):
+        records = _metrics(tmp_path / other)
+        assert [r["step"] for r in records] == [r["step"] for r in one]
+        for a, b in zip(one, records):
+            for key in ("train_loss", "val_loss", "train_accuracy"):
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-5)
