@@ -62,11 +62,13 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
 
+        # Statistics in at least float32 (bfloat16 compute keeps float32 statistics).
+        stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
             axes = tuple(range(x.ndim - 1))
-            x32 = x.astype(jnp.float32)
+            x32 = x.astype(stat_dtype)
             mean = jnp.mean(x32, axes)
             var = jnp.mean(jnp.square(x32 - mean), axes)
             if not self.is_initializing():
@@ -76,7 +78,7 @@ class BatchNorm(nn.Module):
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
 
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+        y = x.astype(stat_dtype) * mul + (bias - mean * mul)
         return y.astype(self.dtype)
 
 

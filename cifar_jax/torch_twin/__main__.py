@@ -1,0 +1,20 @@
+"""`python -m cifar_jax.torch_twin --config configs/default.py --workdir runs/torch`."""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+flags.DEFINE_string("workdir", None, "Directory for metrics, results and the checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from cifar_jax.torch_twin import train
+
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

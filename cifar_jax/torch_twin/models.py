@@ -1,0 +1,161 @@
+"""ResNet-18, AlexNet and MobileNetV2 for CIFAR in PyTorch, layer for layer as in cifar_jax.models.
+
+torch only (no torchvision). Initialisation follows torchvision / PyTorch defaults, as the
+Flax models do. Inputs are NCHW float tensors.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from cifar_jax.models.mobilenetv2 import CIFAR_INVERTED_RESIDUAL_SETTING
+
+BN_MOMENTUM = 0.1  # PyTorch convention; Flax momentum 0.9
+BN_EPS = 1e-5
+
+
+def _bn(features):
+    return nn.BatchNorm2d(features, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def _kaiming_fan_out(module: nn.Module):
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_features, features, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_features, features, 3, stride, 1, bias=False)
+        self.bn1 = _bn(features)
+        self.conv2 = nn.Conv2d(features, features, 3, 1, 1, bias=False)
+        self.bn2 = _bn(features)
+        self.has_projection = stride != 1 or in_features != features
+        if self.has_projection:
+            self.downsample_conv = nn.Conv2d(in_features, features, 1, stride, 0, bias=False)
+            self.downsample_bn = _bn(features)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.has_projection:
+            x = self.downsample_bn(self.downsample_conv(x))
+        return torch.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes=10, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = _bn(64)
+        self.block_names = []
+        in_features = 64
+        for stage, (blocks, width) in enumerate(zip(stage_sizes, widths)):
+            for b in range(blocks):
+                name = f"layer{stage + 1}_{b}"
+                self.add_module(name, BasicBlock(in_features, width,
+                                                 2 if stage > 0 and b == 0 else 1))
+                self.block_names.append(name)
+                in_features = width
+        self.fc = nn.Linear(in_features, num_classes)
+        _kaiming_fan_out(self)
+
+    def forward(self, x, dropout_rate: Optional[float] = None):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class AlexNet(nn.Module):
+    def __init__(self, num_classes=10, dropout_rate=0.5):
+        super().__init__()
+        self.dropout_rate = dropout_rate
+        self.conv1 = nn.Conv2d(3, 64, 3, 2, 1)
+        self.conv2 = nn.Conv2d(64, 192, 3, 1, 1)
+        self.conv3 = nn.Conv2d(192, 384, 3, 1, 1)
+        self.conv4 = nn.Conv2d(384, 256, 3, 1, 1)
+        self.conv5 = nn.Conv2d(256, 256, 3, 1, 1)
+        self.fc1 = nn.Linear(256 * 2 * 2, 4096)
+        self.fc2 = nn.Linear(4096, 4096)
+        self.fc3 = nn.Linear(4096, num_classes)
+
+    def forward(self, x, dropout_rate: Optional[float] = None):
+        p = self.dropout_rate if dropout_rate is None else dropout_rate
+        pool = lambda y: nn.functional.max_pool2d(y, 2)  # noqa: E731
+        x = pool(torch.relu(self.conv1(x)))
+        x = pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.conv3(x))
+        x = torch.relu(self.conv4(x))
+        x = pool(torch.relu(self.conv5(x)))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(nn.functional.dropout(x, p, self.training)))
+        x = torch.relu(self.fc2(nn.functional.dropout(x, p, self.training)))
+        return self.fc3(x)
+
+
+class ConvBNReLU6(nn.Module):
+    def __init__(self, in_features, features, kernel=1, stride=1, groups=1, activation=True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_features, features, kernel, stride, (kernel - 1) // 2,
+                              groups=groups, bias=False)
+        self.bn = _bn(features)
+        self.activation = activation
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return torch.clamp(x, 0, 6) if self.activation else x
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, in_features, features, stride, expansion):
+        super().__init__()
+        hidden = in_features * expansion
+        self.expand = ConvBNReLU6(in_features, hidden, 1) if expansion != 1 else None
+        self.depthwise = ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden)
+        self.project = ConvBNReLU6(hidden, features, 1, activation=False)
+        self.residual = stride == 1 and in_features == features
+
+    def forward(self, x):
+        y = self.expand(x) if self.expand is not None else x
+        y = self.project(self.depthwise(y))
+        return x + y if self.residual else y
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, num_classes=10, dropout_rate=0.2, setting=CIFAR_INVERTED_RESIDUAL_SETTING):
+        super().__init__()
+        self.dropout_rate = dropout_rate
+        self.stem = ConvBNReLU6(3, 32, 3, 1)
+        self.block_names = []
+        in_features, index = 32, 0
+        for t, c, n, s in setting:
+            for i in range(n):
+                name = f"block{index}"
+                self.add_module(name, InvertedResidual(in_features, c, s if i == 0 else 1, t))
+                self.block_names.append(name)
+                in_features, index = c, index + 1
+        self.head = ConvBNReLU6(in_features, 1280, 1)
+        self.classifier = nn.Linear(1280, num_classes)
+        _kaiming_fan_out(self)
+        nn.init.normal_(self.classifier.weight, 0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x, dropout_rate: Optional[float] = None):
+        p = self.dropout_rate if dropout_rate is None else dropout_rate
+        x = self.stem(x)
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+        x = self.head(x).mean(dim=(2, 3))
+        return self.classifier(nn.functional.dropout(x, p, self.training))
+
+
+MODELS = {"resnet18": ResNet18, "alexnet": AlexNet, "mobilenetv2": MobileNetV2}
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}. Valid models: {', '.join(sorted(MODELS))}.")
+    return MODELS[name](**kwargs)
