@@ -13,7 +13,7 @@ DTYPES = ("float32", "bfloat16")
 # Fields that do not change a run's result: they may differ when a run is resumed.
 NON_RESULT_FIELDS = frozenset({
     "allow_config_change", "log_every_steps", "checkpoint_max_to_keep", "eval_batch_size",
-    "data.tfds_data_dir",
+    "data.tfds_data_dir", "evaluate_test",
 })
 
 

@@ -76,7 +76,14 @@ def dropout_rate_for(config) -> float:
 
 
 def build_model(config):
-    return models.get_model(config.model, dtype=jnp.dtype(config.dtype))
+    return _model(config.model, config.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str, dtype: str):
+    # One module instance per (name, dtype): its `apply` is a static part of the train state,
+    # so reusing it lets trials of the same model share the compiled step.
+    return models.get_model(name, dtype=jnp.dtype(dtype))
 
 
 def make_tx(config, shape: RunShape):
@@ -516,9 +523,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise
     ckpts.wait()
 
-    test = put_eval_split(dataset.test, config.eval_batch_size, rep)
-    t = evaluate(steps, state, test)
-    writer.write_scalars(int(state.step), {"test/loss": t["loss"], "test/accuracy": t["accuracy"]})
+    t = {"loss": None, "accuracy": None}
+    if config.get("evaluate_test", True):
+        t = evaluate(steps, state, put_eval_split(dataset.test, config.eval_batch_size, rep))
+        writer.write_scalars(int(state.step), {"test/loss": t["loss"],
+                                               "test/accuracy": t["accuracy"]})
     writer.close()
     if not last_record and os.path.exists(metrics_path):
         with open(metrics_path) as f:
@@ -530,10 +539,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         test_loss=t["loss"],
         images_per_sec=shape.total_steps * shape.batch_size / train_time if train_time else None)
     ckpts.close()
-    logging.info("Finished: test accuracy %.2f%%, best val accuracy %.2f%% (epoch %d), "
-                 "train time %s. Results in %s", 100 * t["accuracy"], 100 * best_val,
-                 best_epoch + 1, _fmt_time(train_time), result_path)
+    test_text = f"test accuracy {100 * t['accuracy']:.2f}%, " if t["accuracy"] is not None else ""
+    logging.info("Finished: %sbest val accuracy %.2f%% (epoch %d), train time %s. Results in %s",
+                 test_text, 100 * best_val, best_epoch + 1, _fmt_time(train_time), result_path)
     return result
+
+
+def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split,
+                        which: str = "best") -> Dict[str, float]:
+    """Loss and accuracy of a run's best (or latest) checkpoint on `split`."""
+    num_devices = jax.device_count()
+    n = len(split)
+    spec = StaticSpec(model=config.model, dtype=config.dtype,
+                      augmentation=config.data.augmentation,
+                      label_smoothing=float(config.label_smoothing),
+                      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                      steps_per_epoch=1, num_devices=num_devices)
+    steps = compiled_steps(spec)
+    shape = RunShape(n, config.batch_size, 1, config.num_epochs)
+    template = create_train_state(jax.random.PRNGKey(config.seed), config, build_model(config),
+                                  shape)
+    ckpts = Checkpoints(workdir, config.checkpoint_max_to_keep)
+    target = _state_for_checkpoint(template, Metrics.empty())
+    found = ckpts.restore_best(target) if which == "best" else ckpts.restore_latest(target)
+    ckpts.close()
+    if found is None:
+        raise FileNotFoundError(f"No {which} checkpoint in {workdir}.")
+    state, _ = _from_checkpoint(template, found[1])
+    state = jax.device_put(state, steps.replicated)
+    return evaluate(steps, state, put_eval_split(split, config.eval_batch_size, steps.replicated))
 
 
 def _stop_message(stop: "_SignalFlag", state: TrainState, epoch: int, workdir: str) -> str:

@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.synthetic_train_size = 2000
     config.data.synthetic_test_size = 500
 
+    config.evaluate_test = True  # evaluate the test split at the end (the grid: selected only)
+
     config.log_every_steps = 50  # train metrics to TensorBoard and the non-finite-loss check
     config.checkpoint_max_to_keep = 2  # latest checkpoints kept (the best one is kept apart)
     # Resume in a workdir whose stored config differs in a result-changing field.

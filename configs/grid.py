@@ -1,0 +1,32 @@
+"""The study: per model, optimizer x learning rate x weight decay x augmentation (AlexNet also
+x dropout), 10 epochs each, batch 128, the same seed. 16 + 16 + 32 = 64 trials.
+
+  python -m cifar_jax.main --config configs/grid.py --workdir runs/grid [--dry_run]
+
+The sweep is plain data: comma-separated values, narrowed or changed on the command line, e.g.
+  --config.grid.models=alexnet,mobilenetv2 --config.grid.learning_rate=0.001 --config.num_epochs=2
+Every other field is the base config of each trial (configs/default.py documents them).
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.evaluate_test = False  # the grid evaluates the test split for selected trials only
+
+    grid = config.grid = ml_collections.ConfigDict()
+    grid.models = "resnet18,alexnet,mobilenetv2"
+    grid.optimizer = "sgd,adam"
+    grid.learning_rate = "0.001,0.01"
+    grid.weight_decay = "5e-4,1e-4"
+    grid.augmentation = "basic,advanced"
+    grid.dropout_rate = "0.3,0.5"  # applies to models with a configurable dropout: AlexNet
+    grid.dropout_models = "alexnet"
+    grid.seeds = "0"  # several seeds repeat every trial; the report gives mean and spread
+    grid.fail_fast = False  # stop at the first failed trial instead of recording it and going on
+    # The study's untuned starting point per model, drawn against the best trial in the plots.
+    grid.default_trial = "adam_lr0.001_wd1e-4_basic"
+    return config
