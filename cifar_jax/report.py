@@ -73,10 +73,19 @@ def _evaluate_selected(workdir, config, best, dataset):
         r["test_accuracy"], r["selected"] = t["accuracy"], True
         logging.info("Selected %s/%s: test accuracy %.2f%% (best checkpoint)", model,
                      r["name"], 100 * t["accuracy"])
-    # A trial selected earlier but no longer best loses the mark.
-    for r in best.values():
-        r["selected"] = True
     return dataset
+
+
+def _unmark_stale(workdir, rows, best):
+    """A trial selected by an earlier report (fewer trials had finished) loses the mark."""
+    for r in rows:
+        if r["selected"] and best.get(r["model"]) is not r:
+            path = os.path.join(workdir, r["trial"].relpath, "result.json")
+            result = metric_writing.read_json(path)
+            result["selected"] = False
+            metric_writing.write_json_atomic(path, result)
+            r["selected"] = False
+            r["test_accuracy"] = None
 
 
 def _pct(x: Optional[float]) -> str:
@@ -204,9 +213,8 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
     trials = grid.expand(config)
     rows = collect(workdir, trials)
     best = select_best(rows)
+    _unmark_stale(workdir, rows, best)
     _evaluate_selected(workdir, config, best, dataset)
-    for r in rows:
-        r["selected"] = best.get(r["model"]) is r
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cifar_jax import grid, report, train
+from cifar_jax import grid, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.num_epochs=2", "--config.batch_size=32", "--config.eval_batch_size=100",

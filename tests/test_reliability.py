@@ -4,7 +4,6 @@ determinism across processes, several devices, awkward workdirs."""
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -10,7 +10,6 @@ import os
 import time
 from typing import Any, Dict
 
-import numpy as np
 import torch
 from absl import logging
 
