@@ -148,11 +148,13 @@ def write_plots(workdir: str, rows, best, default_trial: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = os.path.join(workdir, "plots")
     os.makedirs(out, exist_ok=True)
     for model in dict.fromkeys(r["model"] for r in rows):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        others = False
         for r in rows:
             if r["model"] != model:
                 continue
@@ -160,12 +162,15 @@ def write_plots(workdir: str, rows, best, default_trial: str):
             if not x:
                 continue
             is_best = best.get(model) is r
-            ax.plot(x, y, color="C3" if is_best else "0.6", lw=2.5 if is_best else 1,
-                    alpha=1 if is_best else 0.6, zorder=3 if is_best else 1,
-                    label=f"best: {r['name']}" if is_best else None, marker="o" if is_best else None)
+            label = f"best: {r['name']}" if is_best else (None if others else "other trials")
+            others = others or not is_best
+            ax.plot(x, y, color="C3" if is_best else "0.55", lw=2.5 if is_best else 1,
+                    alpha=1 if is_best else 0.7, zorder=3 if is_best else 1, label=label,
+                    marker="o" if is_best else ".")
         ax.set(title=f"{model}: validation accuracy per epoch, every trial",
                xlabel="epoch", ylabel="val accuracy")
-        ax.legend(loc="lower right")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="best")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"{model}_val_curves.png"), dpi=110)
@@ -180,9 +185,12 @@ def write_plots(workdir: str, rows, best, default_trial: str):
                     continue
                 x, y = _curve(workdir, r["trial"])
                 ax.plot(x, y, marker="o", color=color, label=f"{label}: {r['name']}")
-            ax.set(title=f"{model}: before and after tuning", xlabel="epoch",
-                   ylabel="val accuracy")
-            ax.legend(loc="lower right")
+            same = default is best[model]
+            ax.set(title=f"{model}: before and after tuning"
+                   + (" (the default is the best)" if same else ""),
+                   xlabel="epoch", ylabel="val accuracy")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(loc="best")
             ax.grid(alpha=0.3)
             fig.tight_layout()
             fig.savefig(os.path.join(out, f"{model}_default_vs_best.png"), dpi=110)
