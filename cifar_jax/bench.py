@@ -32,6 +32,8 @@ flags.DEFINE_bool("torch_channels_last", False, "PyTorch channels_last memory fo
 flags.DEFINE_bool("torch_amp", False, "PyTorch autocast to bfloat16.")
 flags.DEFINE_bool("torch_compile", False, "torch.compile the PyTorch model.")
 flags.DEFINE_string("output", "bench.json", "Where to write the JSON results.")
+flags.DEFINE_bool("efficiency", False, "Also measure the study's efficiency table (JAX): "
+                  "checkpoint size, inference latency at batch 1, throughput at batch 1024.")
 
 
 def count_macs(fn, *args) -> int:
@@ -202,6 +204,43 @@ def bench_torch(model_name: str, batch_size: int, eval_batch_size: int, channels
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
 
+def efficiency_jax(model_name: str, repeats: int = 20) -> Dict[str, Any]:
+    """Checkpoint size on disk, batch-1 latency and batch-1024 inference throughput."""
+    import os
+    import subprocess
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from cifar_jax.models import get_model
+
+    model = get_model(model_name)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.PRNGKey(0))
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "weights")
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(path, variables)
+        ckptr.wait_until_finished()
+        size = int(subprocess.run(["du", "-sb", path], capture_output=True, text=True)
+                   .stdout.split()[0])
+    out = {}
+    for batch in (1, 1024):
+        x = jnp.zeros((batch, 32, 32, 3), jnp.float32)
+        jax.block_until_ready(forward(variables, x))
+        times = []
+        for _ in range(repeats if batch == 1 else max(3, repeats // 5)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(forward(variables, x))
+            times.append(time.perf_counter() - t0)
+        out[batch] = statistics.median(times)
+    return {"model": model_name, "checkpoint_mb": size / 2**20,
+            "latency_batch1_ms": 1000 * out[1], "throughput_batch1024": 1024 / out[1024]}
+
+
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     jax_rate = {r["model"]: r["train_images_per_s"] for r in rows if r["framework"] == "jax"}
     lines = ["| model | framework | dtype | params | MACs/image | first step s | train img/s "
@@ -238,8 +277,27 @@ def main(argv):
                                     FLAGS.window_steps, FLAGS.windows))
     table = markdown_table(rows)
     print(table)
+    efficiency = []
+    if FLAGS.efficiency:
+        macs = {r["model"]: r.get("macs_per_image") for r in rows if r["framework"] == "jax"}
+        rate = {r["model"]: r["train_images_per_s"] for r in rows if r["framework"] == "jax"}
+        params = {r["model"]: r["params"] for r in rows}
+        lines = ["", "| model | params | MACs/image | checkpoint MB | train img/s | latency at "
+                 "batch 1 (ms) | inference img/s at batch 1024 |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for model_name in FLAGS.models:
+            e = efficiency_jax(model_name)
+            efficiency.append(e)
+            m = macs.get(model_name)
+            lines.append(f"| {model_name} | {params.get(model_name, 0):,} | "
+                         f"{'' if m is None else f'{m / 1e6:.1f}M'} | {e['checkpoint_mb']:.1f} | "
+                         f"{rate.get(model_name, float('nan')):.0f} | "
+                         f"{e['latency_batch1_ms']:.2f} | {e['throughput_batch1024']:.0f} |")
+        print("\n".join(lines))
+        table += "\n" + "\n".join(lines)
     with open(FLAGS.output, "w") as f:
-        json.dump({"batch_size": FLAGS.batch_size, "rows": rows, "table": table}, f, indent=2)
+        json.dump({"batch_size": FLAGS.batch_size, "rows": rows, "efficiency": efficiency,
+                   "table": table}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def test_bench_smoke_output_format(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_jax.bench", "--models", "alexnet", "--frameworks",
          "jax,torch", "--batch_size", "8", "--eval_batch_size", "16", "--window_steps", "1",
-         "--windows", "2", "--warmup_steps", "0", "--output", str(out)],
+         "--windows", "2", "--warmup_steps", "0", "--efficiency", "--output", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| alexnet | jax |" in proc.stdout and "| alexnet | torch |" in proc.stdout
@@ -38,3 +38,7 @@ def test_bench_smoke_output_format(tmp_path):
         assert r["params"] == 23_272_266
     assert rows["jax"]["macs_per_image"] > 6e7
     assert "x |" in data["table"]  # the JAX/PyTorch ratio column is filled
+    (eff,) = data["efficiency"]
+    assert 40 < eff["checkpoint_mb"] < 100  # 23.3M float32 parameters (88.8 MB raw, compressed)
+    assert eff["latency_batch1_ms"] > 0 and eff["throughput_batch1024"] > 0
+    assert "latency at batch 1" in proc.stdout
