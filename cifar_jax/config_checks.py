@@ -10,6 +10,7 @@ from cifar_jax.models import MODELS
 from cifar_jax.optim import OPTIMIZERS
 
 DTYPES = ("float32", "bfloat16")
+FRAMEWORKS = ("jax", "torch")
 # Fields that do not change a run's result: they may differ when a run is resumed.
 NON_RESULT_FIELDS = frozenset({
     "allow_config_change", "log_every_steps", "checkpoint_max_to_keep", "eval_batch_size",
@@ -41,6 +42,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _choice(errors, "optimizer", config.optimizer, OPTIMIZERS)
     _choice(errors, "data.augmentation", config.data.augmentation, AUGMENTATIONS)
     _choice(errors, "dtype", config.dtype, DTYPES)
+    _choice(errors, "framework", config.get("framework", "jax"), FRAMEWORKS)
     _positive(errors, "learning_rate", config.learning_rate)
     _positive(errors, "num_epochs", config.num_epochs, integer=True)
     _positive(errors, "batch_size", config.batch_size, integer=True)

@@ -164,7 +164,12 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
                      len(failed), left, trial.model, trial.name, train._fmt_time(eta))
         t0 = time.perf_counter()
         try:
-            train.train_and_evaluate(trial_config(config, trial), trial_dir, dataset=dataset)
+            tc = trial_config(config, trial)
+            if tc.get("framework", "jax") == "torch":
+                from cifar_jax.torch_twin import train as torch_train  # optional extra
+                torch_train.train_and_evaluate(tc, trial_dir, dataset=dataset)
+            else:
+                train.train_and_evaluate(tc, trial_dir, dataset=dataset)
             done += 1
         except (train.Preempted, KeyboardInterrupt):
             raise  # the whole grid stops; rerunning resumes this trial

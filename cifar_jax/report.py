@@ -21,7 +21,7 @@ from cifar_jax import grid, input_pipeline, metric_writing
 
 PUBLISHED_BEST_VAL = {"resnet18": 0.88, "alexnet": 0.74, "mobilenetv2": 0.80}
 HYPERPARAMETERS = ("optimizer", "learning_rate", "weight_decay", "augmentation", "dropout_rate")
-CSV_COLUMNS = ("model", "name", "optimizer", "learning_rate", "weight_decay", "augmentation",
+CSV_COLUMNS = ("framework", "model", "name", "optimizer", "learning_rate", "weight_decay", "augmentation",
                "dropout_rate", "seed", "status", "best_val_accuracy", "best_epoch",
                "final_val_accuracy", "final_val_loss", "test_accuracy", "selected", "num_params",
                "train_time_s", "images_per_sec", "error")
@@ -67,7 +67,12 @@ def _evaluate_selected(workdir, config, best, dataset):
         if dataset is None:
             dataset = input_pipeline.load_dataset(config.data)
         tc = grid.trial_config(config, r["trial"])
-        t = train.evaluate_checkpoint(tc, os.path.join(workdir, r["trial"].relpath), dataset.test)
+        trial_dir = os.path.join(workdir, r["trial"].relpath)
+        if tc.get("framework", "jax") == "torch":
+            from cifar_jax.torch_twin import train as torch_train
+            t = torch_train.evaluate_checkpoint(tc, trial_dir, dataset.test)
+        else:
+            t = train.evaluate_checkpoint(tc, trial_dir, dataset.test)
         result.update(selected=True, test_accuracy=t["accuracy"], test_loss=t["loss"])
         metric_writing.write_json_atomic(path, result)
         r["test_accuracy"], r["selected"] = t["accuracy"], True

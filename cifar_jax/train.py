@@ -430,7 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  shape.steps_per_epoch)
 
     def write_result(status: str, **extra):
-        result = {"status": status, "model": config.model, "optimizer": config.optimizer,
+        result = {"status": status, "framework": "jax", "model": config.model, "optimizer": config.optimizer,
                   "learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
                   "augmentation": config.data.augmentation,
                   "dropout_rate": dropout_rate_for(config), "seed": config.seed,

@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 128  # global batch, split over all local devices
     config.eval_batch_size = 1000  # padded and masked: every example is evaluated exactly once
 
+    # 'jax', or 'torch' to run the PyTorch twin (cifar_jax.torch_twin) with the same recipe.
+    config.framework = "jax"
+
     config.seed = 0  # every random choice of a run (init, data order, augmentation, dropout)
 
     config.data = ml_collections.ConfigDict()

@@ -148,3 +148,16 @@ def test_report_cli_aggregates_a_workdir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Summary of best hyperparameters" in proc.stdout
     assert len(_rows(tmp_path)) == 1
+
+
+def test_grid_runs_the_pytorch_twin_per_trial(tmp_path):
+    pytest.importorskip("torch")
+    c = _grid_config(models="alexnet", learning_rate="0.001,0.01")
+    c.framework = "torch"
+    assert grid.run_grid(c, str(tmp_path))
+    rows = _rows(tmp_path)
+    assert [r["framework"] for r in rows] == ["torch", "torch"]
+    assert all(r["status"] == "completed" for r in rows)
+    selected = [r for r in rows if r["selected"] == "True"]
+    assert len(selected) == 1 and selected[0]["test_accuracy"]
+    assert not any(r["test_accuracy"] for r in rows if r["selected"] != "True")

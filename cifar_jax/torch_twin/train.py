@@ -8,7 +8,7 @@ every epoch end and resumed from.
 import math
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from absl import logging
@@ -75,7 +75,16 @@ def evaluate(model, split: input_pipeline.Split, batch_size: int, device) -> Dic
     return {"loss": loss_sum / len(split), "accuracy": correct / len(split)}
 
 
-def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split) -> Dict[str, float]:
+    """Loss and accuracy of a twin run's best-validation model on `split`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(config).to(device)
+    model.load_state_dict(torch.load(os.path.join(workdir, "torch_best.pt"), map_location=device))
+    return evaluate(model, split, config.eval_batch_size, device)
+
+
+def train_and_evaluate(config, workdir: str,
+                       dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
     config_checks.validate_config(config, num_devices=1)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -87,7 +96,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     metric_writing.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = input_pipeline.load_dataset(config.data)
+    data = dataset if dataset is not None else input_pipeline.load_dataset(config.data)
     steps_per_epoch = len(data.train) // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
@@ -146,6 +155,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         metric = record.get("val_accuracy", record["train_accuracy"])
         if metric > best_val:
             best_val, best_epoch = metric, epoch
+            torch.save(model.state_dict(), os.path.join(workdir, "torch_best.pt"))
         metric_writing.append_jsonl(metrics_path, record)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
@@ -158,7 +168,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                      f"{100 * record['val_accuracy']:.2f}%" if "val_accuracy" in record else "-",
                      record["images_per_sec"])
 
-    test = evaluate(model, data.test, config.eval_batch_size, device)
+    test = {"loss": None, "accuracy": None}
+    if config.get("evaluate_test", True):
+        test = evaluate(model, data.test, config.eval_batch_size, device)
     result = {"status": "completed", "framework": "torch", "model": config.model,
               "optimizer": config.optimizer, "learning_rate": config.learning_rate,
               "weight_decay": config.weight_decay, "augmentation": config.data.augmentation,
@@ -171,5 +183,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
               "images_per_sec": total_steps * config.batch_size / train_time if train_time else None,
               "devices": f"1x {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"}
     metric_writing.write_json_atomic(result_path, result)
-    logging.info("[torch] finished: test accuracy %.2f%%", 100 * test["accuracy"])
+    logging.info("[torch] finished: best val accuracy %.2f%%, test accuracy %s", 100 * best_val,
+                 "not evaluated" if test["accuracy"] is None else f"{100 * test['accuracy']:.2f}%")
     return result
