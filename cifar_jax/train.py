@@ -87,8 +87,7 @@ def _model(name: str, dtype: str):
 
 
 def make_tx(config, shape: RunShape):
-    warmup_steps = int(round(config.warmup_epochs * shape.steps_per_epoch))
-    return optim.make_optimizer(config.optimizer, shape.total_steps, warmup_steps,
+    return optim.make_optimizer(config.optimizer, shape.total_steps, steps_warmup(config, shape),
                                 config.momentum, config.nesterov, config.decay_bn_and_bias)
 
 
@@ -199,6 +198,15 @@ class CompiledSteps:
             lambda rng, epoch, n: jax.random.permutation(
                 jax.random.fold_in(jax.random.fold_in(rng, _SHUFFLE), epoch), n),
             static_argnums=2, out_shardings=self.replicated)
+
+
+def static_spec(config, steps_per_epoch: int, num_devices: int) -> StaticSpec:
+    """The static structure of `config`'s compiled steps."""
+    return StaticSpec(model=config.model, dtype=config.dtype,
+                      augmentation=config.data.augmentation,
+                      label_smoothing=float(config.label_smoothing),
+                      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                      steps_per_epoch=steps_per_epoch, num_devices=num_devices)
 
 
 _COMPILED: Dict[StaticSpec, CompiledSteps] = {}
@@ -375,12 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise config_checks.ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {shape.num_train} "
             "training images: no full batch per epoch. Use a smaller batch size.")
-    spec = StaticSpec(model=config.model, dtype=config.dtype,
-                      augmentation=config.data.augmentation,
-                      label_smoothing=float(config.label_smoothing),
-                      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                      steps_per_epoch=shape.steps_per_epoch, num_devices=num_devices)
-    steps = compiled_steps(spec)
+    steps = compiled_steps(static_spec(config, shape.steps_per_epoch, num_devices))
     rep = steps.replicated
 
     model = build_model(config)
@@ -430,8 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  shape.steps_per_epoch)
 
     def write_result(status: str, **extra):
-        result = {"status": status, "framework": "jax", "model": config.model, "optimizer": config.optimizer,
-                  "learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
+        result = {"status": status, "framework": "jax", "model": config.model,
+                  "optimizer": config.optimizer, "learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
                   "augmentation": config.data.augmentation,
                   "dropout_rate": dropout_rate_for(config), "seed": config.seed,
                   "num_params": num_params, "step": int(state.step),
@@ -451,6 +454,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_step = int(state.step)
     try:
         with _SignalFlag() as stop:
+
+            def should_stop(step: int) -> bool:
+                return stop.received is not None or (
+                    stop_requested is not None and stop_requested(step))
+
             for epoch in range(start_step // shape.steps_per_epoch, shape.num_epochs):
                 perm = steps.permutation(state.rng, epoch, shape.num_train)
                 t0 = time.perf_counter()
@@ -471,8 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         writer.write_scalars(step + 1, {"train/loss": last["loss"],
                                                         "train/accuracy": last["accuracy"],
                                                         "train/learning_rate": lr})
-                    if step + 1 < end and (stop.received is not None or (
-                            stop_requested is not None and stop_requested(step + 1))):
+                    if step + 1 < end and should_stop(step + 1):
                         _check_finite(pending, ckpts)
                         train_time += time.perf_counter() - t0
                         ckpts.save(int(state.step), _state_for_checkpoint(state, epoch_metrics),
@@ -506,8 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 writer.flush()
                 last_record = record
                 _log_epoch(epoch, shape.num_epochs, record, progress.eta_seconds(int(state.step)))
-                if epoch + 1 < shape.num_epochs and (stop.received is not None or (
-                        stop_requested is not None and stop_requested(int(state.step)))):
+                if epoch + 1 < shape.num_epochs and should_stop(int(state.step)):
                     raise Preempted(_stop_message(stop, state, epoch + 1, workdir))
     except Diverged as e:
         ckpts.wait()
@@ -548,15 +554,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split,
                         which: str = "best") -> Dict[str, float]:
     """Loss and accuracy of a run's best (or latest) checkpoint on `split`."""
-    num_devices = jax.device_count()
-    n = len(split)
-    spec = StaticSpec(model=config.model, dtype=config.dtype,
-                      augmentation=config.data.augmentation,
-                      label_smoothing=float(config.label_smoothing),
-                      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                      steps_per_epoch=1, num_devices=num_devices)
-    steps = compiled_steps(spec)
-    shape = RunShape(n, config.batch_size, 1, config.num_epochs)
+    steps = compiled_steps(static_spec(config, 1, jax.device_count()))
+    shape = RunShape(len(split), config.batch_size, 1, config.num_epochs)
     template = create_train_state(jax.random.PRNGKey(config.seed), config, build_model(config),
                                   shape)
     ckpts = Checkpoints(workdir, config.checkpoint_max_to_keep)
