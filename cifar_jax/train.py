@@ -70,9 +70,7 @@ class RunShape:
 
 
 def dropout_rate_for(config) -> float:
-    if config.dropout_rate is not None:
-        return float(config.dropout_rate)
-    return float(getattr(models.MODELS[config.model], "dropout_rate", 0.0))
+    return models.dropout_rate(config.model, config.dropout_rate)
 
 
 def build_model(config):

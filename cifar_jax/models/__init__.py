@@ -18,6 +18,13 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 MODELS_WITH_DROPOUT = ("alexnet", "mobilenetv2")
 
 
+def dropout_rate(name: str, override=None) -> float:
+    """The dropout rate a run of model `name` uses: `override`, else the model's default."""
+    if override is not None:
+        return float(override)
+    return float(getattr(MODELS[name], "dropout_rate", 0.0))
+
+
 def get_model(name: str, **kwargs) -> nn.Module:
     """Builds the model called `name` ('resnet18', 'alexnet' or 'mobilenetv2')."""
     if name not in MODELS:
@@ -26,4 +33,4 @@ def get_model(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
-__all__ = ["MODELS", "MODELS_WITH_DROPOUT", "get_model", "AlexNet", "MobileNetV2", "ResNet18"]
+__all__ = ["MODELS", "MODELS_WITH_DROPOUT", "dropout_rate", "get_model", "AlexNet", "MobileNetV2", "ResNet18"]

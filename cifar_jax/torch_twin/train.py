@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import torch
 from absl import logging
 
-from cifar_jax import config_checks, input_pipeline, metric_writing
+from cifar_jax import config_checks, input_pipeline, metric_writing, models
 from cifar_jax.torch_twin import augment
 from cifar_jax.torch_twin.models import get_model
 
@@ -52,13 +52,12 @@ def make_scheduler(config, optimizer, total_steps: int, warmup_steps: int):
 
 
 def dropout_rate_for(config) -> float:
-    if config.dropout_rate is not None:
-        return float(config.dropout_rate)
-    return {"alexnet": 0.5, "mobilenetv2": 0.2}.get(config.model, 0.0)
+    return models.dropout_rate(config.model, config.dropout_rate)
 
 
 def build_model(config) -> torch.nn.Module:
-    kwargs = {"dropout_rate": dropout_rate_for(config)} if config.model != "resnet18" else {}
+    kwargs = ({"dropout_rate": dropout_rate_for(config)}
+              if config.model in models.MODELS_WITH_DROPOUT else {})
     return get_model(config.model, **kwargs)
 
 
