@@ -1,7 +1,7 @@
 """The study's grid: expand `config.grid` into trials, run them resumably, isolate failures.
 
-Each trial is one `train.train_and_evaluate` run in `workdir/trials/<model>/<name>`, so the
-reliability guarantees (resume, pre-emption, NaN) hold per trial. Trials that differ only in
+Each trial is one `run_training` (JAX, or the PyTorch twin) in `workdir/trials/<model>/<name>`,
+so the reliability guarantees (resume, pre-emption, NaN) hold per trial. Trials that differ only in
 learning rate, weight decay or dropout share compiled steps (those reach the step as data).
 """
 
@@ -134,6 +134,16 @@ def trial_status(workdir: str, trial: Trial) -> str:
     return result.get("status", "unknown")
 
 
+def run_training(config: ml_collections.ConfigDict, workdir: str,
+                 dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
+    """One run with `config.framework`: JAX (cifar_jax.train) or the PyTorch twin."""
+    if config.get("framework", "jax") == "torch":
+        from cifar_jax.torch_twin import train as torch_train  # optional extra
+        return torch_train.train_and_evaluate(config, workdir, dataset=dataset)
+    from cifar_jax import train
+    return train.train_and_evaluate(config, workdir, dataset=dataset)
+
+
 def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int = 0,
              num_shards: int = 1, dataset: Optional[input_pipeline.Dataset] = None) -> bool:
     """Runs this shard's unfinished trials; returns True when none failed."""
@@ -149,7 +159,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.data)
 
-    failed, done, durations = [], 0, []
+    failed, durations = [], []
     # Diverged trials are final (a rerun would diverge again); failed ones are retried.
     todo = [t for t in trials if trial_status(workdir, t) not in ("completed", "diverged")]
     done = len(trials) - len(todo)
@@ -164,12 +174,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
                      len(failed), left, trial.model, trial.name, train._fmt_time(eta))
         t0 = time.perf_counter()
         try:
-            tc = trial_config(config, trial)
-            if tc.get("framework", "jax") == "torch":
-                from cifar_jax.torch_twin import train as torch_train  # optional extra
-                torch_train.train_and_evaluate(tc, trial_dir, dataset=dataset)
-            else:
-                train.train_and_evaluate(tc, trial_dir, dataset=dataset)
+            run_training(trial_config(config, trial), trial_dir, dataset=dataset)
             done += 1
         except (train.Preempted, KeyboardInterrupt):
             raise  # the whole grid stops; rerunning resumes this trial

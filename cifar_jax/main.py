@@ -66,11 +66,7 @@ def main(argv):
             if FLAGS.dry_run:
                 print(FLAGS.config)
                 return
-            if FLAGS.config.framework == "torch":
-                from cifar_jax.torch_twin import train as torch_train  # optional extra
-                torch_train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-            else:
-                train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            grid.run_training(FLAGS.config, FLAGS.workdir)
     except (config_checks.ConfigError, input_pipeline.DataError, OSError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
