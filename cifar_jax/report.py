@@ -78,7 +78,6 @@ def _evaluate_selected(workdir, config, best, dataset):
         r["test_accuracy"], r["selected"] = t["accuracy"], True
         logging.info("Selected %s/%s: test accuracy %.2f%% (best checkpoint)", model,
                      r["name"], 100 * t["accuracy"])
-    return dataset
 
 
 def _unmark_stale(workdir, rows, best):
@@ -149,11 +148,24 @@ def _curve(workdir, trial):
     return [r["epoch"] for r in recs], [r["val_accuracy"] for r in recs]
 
 
+def _save_epoch_plot(fig, ax, title: str, path: str):
+    """Titles, labels and saves a validation-accuracy-per-epoch figure, then closes it."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set(title=title, xlabel="epoch", ylabel="val accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(workdir: str, rows, best, default_trial: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     out = os.path.join(workdir, "plots")
     os.makedirs(out, exist_ok=True)
@@ -172,14 +184,8 @@ def write_plots(workdir: str, rows, best, default_trial: str):
             ax.plot(x, y, color="C3" if is_best else "0.55", lw=2.5 if is_best else 1,
                     alpha=1 if is_best else 0.7, zorder=3 if is_best else 1, label=label,
                     marker="o" if is_best else ".")
-        ax.set(title=f"{model}: validation accuracy per epoch, every trial",
-               xlabel="epoch", ylabel="val accuracy")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(loc="best")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"{model}_val_curves.png"), dpi=110)
-        plt.close(fig)
+        _save_epoch_plot(fig, ax, f"{model}: validation accuracy per epoch, every trial",
+                         os.path.join(out, f"{model}_val_curves.png"))
 
         default = next((r for r in rows if r["model"] == model
                         and r["name"].startswith(default_trial)), None)
@@ -191,15 +197,9 @@ def write_plots(workdir: str, rows, best, default_trial: str):
                 x, y = _curve(workdir, r["trial"])
                 ax.plot(x, y, marker="o", color=color, label=f"{label}: {r['name']}")
             same = default is best[model]
-            ax.set(title=f"{model}: before and after tuning"
-                   + (" (the default is the best)" if same else ""),
-                   xlabel="epoch", ylabel="val accuracy")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.legend(loc="best")
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, f"{model}_default_vs_best.png"), dpi=110)
-            plt.close(fig)
+            _save_epoch_plot(fig, ax, f"{model}: before and after tuning"
+                             + (" (the default is the best)" if same else ""),
+                             os.path.join(out, f"{model}_default_vs_best.png"))
 
     sel = [r for r in best.values() if r["test_accuracy"] is not None]
     if sel:
