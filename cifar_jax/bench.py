@@ -86,10 +86,9 @@ def bench_jax(model_name: str, batch_size: int, eval_batch_size: int, dtype: str
     config = default.get_config()
     config.model, config.dtype = model_name, dtype
     config.data.augmentation = "none"
+    config.batch_size, config.eval_batch_size = batch_size, eval_batch_size
     n = batch_size * 4
-    spec = train.StaticSpec(model_name, dtype, "none", 0.0, batch_size, eval_batch_size,
-                            n // batch_size, jax.device_count())
-    steps = train.compiled_steps(spec)
+    steps = train.compiled_steps(train.static_spec(config, n // batch_size, jax.device_count()))
     shape = train.RunShape(n, batch_size, n // batch_size, 10)
     model = train.build_model(config)
     state = jax.device_put(train.create_train_state(jax.random.PRNGKey(0), config, model, shape),
