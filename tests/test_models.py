@@ -5,7 +5,8 @@ import pytest
 
 from cifar_jax.models import get_model
 
-PARAM_COUNTS = {"resnet18": 11_173_962, "alexnet": 23_272_266, "mobilenetv2": 2_236_682}
+PARAM_COUNTS = {"resnet18": 11_173_962, "alexnet": 23_272_266, "mobilenetv2": 2_236_682,
+                "resnet50": 23_520_842}
 
 
 def _init(model, batch=2):
@@ -19,7 +20,7 @@ def test_parameter_count(name):
     assert count == PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+@pytest.mark.parametrize("name", ["alexnet", "mobilenetv2", "resnet18"])
 def test_output_shape_and_dtype(name):
     model = get_model(name)
     variables = _init(model)
@@ -38,7 +39,7 @@ def test_bf16_compute_keeps_fp32_params():
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(ValueError, match="alexnet, mobilenetv2, resnet18"):
+    with pytest.raises(ValueError, match="alexnet, mobilenetv2, resnet18, resnet50"):
         get_model("vgg16")
 
 
@@ -74,9 +75,10 @@ def test_batch_norm_running_var_is_unbiased_like_pytorch():
                                0.1 * np.asarray(x).reshape(n, 3).mean(0), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["alexnet", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["alexnet", "mobilenetv2", "resnet18"])
 def test_dropout_only_in_train_mode(name):
-    model = get_model(name)
+    """Every model has dropout before its classifier (ResNets: rate 0 unless configured)."""
+    model = get_model(name, dropout_rate=0.5)
     variables = _init(model)
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, 32, 3))
     a = model.apply(variables, x, train=False)
@@ -91,3 +93,12 @@ def test_dropout_only_in_train_mode(name):
     s2, _ = model.apply(variables, x, rngs={"dropout": jax.random.PRNGKey(2)},
                         dropout_rate=0.0, **kwargs)
     np.testing.assert_allclose(s1, s2, rtol=1e-6)  # rate 0 passed as data: no dropout
+
+
+def test_resnet50_is_the_cifar_bottleneck_variant():
+    variables = jax.eval_shape(lambda: _init(get_model("resnet50")))
+    params = variables["params"]
+    assert params["conv1"]["kernel"].shape == (3, 3, 3, 64)  # 3x3 stride-1 stem
+    assert params["layer1_0"]["conv3"]["kernel"].shape == (1, 1, 64, 256)  # expansion 4
+    assert [sum(k.startswith(f"layer{s}_") for k in params) for s in (1, 2, 3, 4)] == [3, 4, 6, 3]
+    assert params["fc"]["kernel"].shape == (2048, 10)

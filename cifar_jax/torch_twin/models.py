@@ -1,4 +1,4 @@
-"""ResNet-18, AlexNet and MobileNetV2 for CIFAR in PyTorch, layer for layer as in cifar_jax.models.
+"""ResNet-18, ResNet-50, AlexNet and MobileNetV2 for CIFAR in PyTorch, layer for layer as in cifar_jax.models.
 
 torch only (no torchvision). Initialisation follows torchvision / PyTorch defaults, as the
 Flax models do. Inputs are NCHW float tensors.
@@ -26,28 +26,61 @@ def _kaiming_fan_out(module: nn.Module):
 
 
 class BasicBlock(nn.Module):
+    expansion = 1
+
     def __init__(self, in_features, features, stride):
         super().__init__()
         self.conv1 = nn.Conv2d(in_features, features, 3, stride, 1, bias=False)
         self.bn1 = _bn(features)
         self.conv2 = nn.Conv2d(features, features, 3, 1, 1, bias=False)
         self.bn2 = _bn(features)
-        self.has_projection = stride != 1 or in_features != features
-        if self.has_projection:
-            self.downsample_conv = nn.Conv2d(in_features, features, 1, stride, 0, bias=False)
-            self.downsample_bn = _bn(features)
+        _add_projection(self, in_features, features, stride)
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        if self.has_projection:
-            x = self.downsample_bn(self.downsample_conv(x))
-        return torch.relu(x + y)
+        return torch.relu(_shortcut(self, x) + y)
 
 
-class ResNet18(nn.Module):
-    def __init__(self, num_classes=10, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512)):
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 with the stride, 1x1 expand by 4 (torchvision's ResNet v1.5)."""
+
+    expansion = 4
+
+    def __init__(self, in_features, features, stride):
         super().__init__()
+        out = features * self.expansion
+        self.conv1 = nn.Conv2d(in_features, features, 1, 1, 0, bias=False)
+        self.bn1 = _bn(features)
+        self.conv2 = nn.Conv2d(features, features, 3, stride, 1, bias=False)
+        self.bn2 = _bn(features)
+        self.conv3 = nn.Conv2d(features, out, 1, 1, 0, bias=False)
+        self.bn3 = _bn(out)
+        _add_projection(self, in_features, out, stride)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(_shortcut(self, x) + y)
+
+
+def _add_projection(block, in_features, out_features, stride):
+    block.has_projection = stride != 1 or in_features != out_features
+    if block.has_projection:
+        block.downsample_conv = nn.Conv2d(in_features, out_features, 1, stride, 0, bias=False)
+        block.downsample_bn = _bn(out_features)
+
+
+def _shortcut(block, x):
+    return block.downsample_bn(block.downsample_conv(x)) if block.has_projection else x
+
+
+class ResNet(nn.Module):
+    def __init__(self, num_classes=10, stage_sizes=(2, 2, 2, 2), block=BasicBlock,
+                 widths=(64, 128, 256, 512), dropout_rate=0.0):
+        super().__init__()
+        self.dropout_rate = dropout_rate
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = _bn(64)
         self.block_names = []
@@ -55,18 +88,27 @@ class ResNet18(nn.Module):
         for stage, (blocks, width) in enumerate(zip(stage_sizes, widths)):
             for b in range(blocks):
                 name = f"layer{stage + 1}_{b}"
-                self.add_module(name, BasicBlock(in_features, width,
-                                                 2 if stage > 0 and b == 0 else 1))
+                self.add_module(name, block(in_features, width, 2 if stage > 0 and b == 0 else 1))
                 self.block_names.append(name)
-                in_features = width
+                in_features = width * block.expansion
         self.fc = nn.Linear(in_features, num_classes)
         _kaiming_fan_out(self)
 
     def forward(self, x, dropout_rate: Optional[float] = None):
+        p = self.dropout_rate if dropout_rate is None else dropout_rate
         x = torch.relu(self.bn1(self.conv1(x)))
         for name in self.block_names:
             x = getattr(self, name)(x)
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.fc(nn.functional.dropout(x.mean(dim=(2, 3)), p, self.training))
+
+
+class ResNet18(ResNet):
+    pass
+
+
+class ResNet50(ResNet):
+    def __init__(self, num_classes=10, dropout_rate=0.0):
+        super().__init__(num_classes, (3, 4, 6, 3), Bottleneck, dropout_rate=dropout_rate)
 
 
 class AlexNet(nn.Module):
@@ -152,7 +194,8 @@ class MobileNetV2(nn.Module):
         return self.classifier(nn.functional.dropout(x, p, self.training))
 
 
-MODELS = {"resnet18": ResNet18, "alexnet": AlexNet, "mobilenetv2": MobileNetV2}
+MODELS = {"resnet18": ResNet18, "alexnet": AlexNet, "mobilenetv2": MobileNetV2,
+          "resnet50": ResNet50}
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
