@@ -15,7 +15,10 @@ import dataclasses
 import io
 import os
 import pickle
+import socket
 import tarfile
+import threading
+import zlib
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -66,6 +69,47 @@ def parse_source(source: str) -> Tuple[str, Optional[str]]:
 # Sources. Each returns (train, test) as full Splits.
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickling runs code named by the file; this admits only what CIFAR batches hold
+    (dicts, lists, bytes, numbers and numpy arrays)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch "
+                                         "holds only arrays, lists and bytes")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(file: str) -> Split:
+    """One pickled CIFAR-10 batch, checked field by field."""
+    try:
+        with open(file, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # pickle errors come in many types
+        raise DataError(f"cifar_dir: cannot read {file!r} as a CIFAR-10 batch: {e}") from e
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"cifar_dir: {file!r} is not a CIFAR-10 batch (expected a dict with "
+                        "b'data' and b'labels').")
+    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    problems = []
+    if data.dtype != np.uint8:
+        problems.append(f"data has dtype {data.dtype}, expected uint8")
+    if data.ndim != 2 or data.shape[1] != 3072:
+        problems.append(f"data has shape {data.shape}, expected (N, 3072)")
+    if labels.ndim != 1 or len(labels) != len(data):
+        problems.append(f"{labels.size} labels for {len(data)} images")
+    elif not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= 10:
+        problems.append(f"labels outside 0..9 (dtype {labels.dtype}, range "
+                        f"{labels.min()}..{labels.max()})")
+    if problems:
+        raise DataError(f"cifar_dir: {file!r} is malformed: {'; '.join(problems)}.")
+    return Split(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int32))
+
+
 def load_cifar_dir(path: str) -> Tuple[Split, Split]:
     """Reads the python-pickle CIFAR-10 folder (data_batch_1..5, test_batch)."""
     if not os.path.isdir(path):
@@ -80,20 +124,16 @@ def load_cifar_dir(path: str) -> Tuple[Split, Split]:
             f"Expected the 'cifar-10-batches-py' layout: {', '.join(expected)}.")
 
     def read(names):
-        images, labels = [], []
-        for name in names:
-            file = os.path.join(path, name)
-            try:
-                with open(file, "rb") as f:
-                    batch = pickle.load(f, encoding="bytes")
-                data = np.asarray(batch[b"data"], np.uint8)
-                labels.append(np.asarray(batch[b"labels"], np.int32))
-            except Exception as e:  # pickle errors come in many types
-                raise DataError(f"cifar_dir: cannot read {file!r} as a CIFAR-10 batch: {e}") from e
-            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        return Split(np.concatenate(images), np.concatenate(labels))
+        parts = [_read_cifar_batch(os.path.join(path, n)) for n in names]
+        return Split(np.concatenate([p.images for p in parts]),
+                     np.concatenate([p.labels for p in parts]))
 
     return read(expected[:5]), read(expected[5:])
+
+
+def _is_junk(name: str) -> bool:
+    """Entries that archivers and file browsers add beside the data (__MACOSX, .DS_Store)."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 class _TreeReader:
@@ -107,21 +147,28 @@ class _TreeReader:
         self._tar = None
         if os.path.isdir(path):
             self.files = []
-            for root, _, names in os.walk(path):
+            for root, _, names in os.walk(path, followlinks=True):  # class folders may be links
                 rel = os.path.relpath(root, path)
                 self.files += [os.path.normpath(os.path.join(rel, n)) for n in names]
-        elif tarfile.is_tarfile(path):
-            self._tar = tarfile.open(path, "r:*")
-            self._members = {os.path.normpath(m.name): m for m in self._tar.getmembers()
-                             if m.isfile()}
-            self.files = list(self._members)
         else:
-            raise DataError(f"folder: {path!r} is neither a directory nor a tar archive.")
+            self._open_tar(path)
+        self.files = [f for f in self.files if not any(_is_junk(p) for p in f.split(os.sep))]
         # Tolerate one wrapping top-level folder (e.g. cifar10/train/...).
         self.prefix = ""
         tops = {f.split(os.sep)[0] for f in self.files}
         if "train" not in tops and len(tops) == 1:
             self.prefix = tops.pop() + os.sep
+
+    def _open_tar(self, path: str) -> None:
+        try:
+            self._tar = tarfile.open(path, "r:*")
+            self._members = {os.path.normpath(m.name): m for m in self._tar.getmembers()
+                             if m.isfile()}
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DataError(f"folder: {path!r} is neither a directory nor a readable tar "
+                            f"archive ({type(e).__name__}: {e}). If it is a truncated download, "
+                            "fetch it again.") from e
+        self.files = list(self._members)
 
     def tree(self) -> Dict[str, Dict[str, List[str]]]:
         """{split: {class: [relative file names, sorted]}} for image files under the prefix."""
@@ -138,14 +185,41 @@ class _TreeReader:
         return out
 
     def read(self, name: str) -> bytes:
-        if self._tar is not None:
-            return self._tar.extractfile(self._members[name]).read()
-        with open(os.path.join(self.path, name), "rb") as f:
-            return f.read()
+        try:
+            if self._tar is not None:
+                return self._tar.extractfile(self._members[name]).read()
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DataError(f"folder: cannot read {name!r} from {self.path!r} "
+                            f"({type(e).__name__}: {e}); the archive may be truncated.") from e
 
     def describe(self) -> str:
         tops = sorted({f.split(os.sep)[0] for f in self.files})
         return f"top-level entries {tops[:10]}" if tops else "no files"
+
+
+# PIL modes that convert to 8-bit RGB without losing or inventing anything.
+_FAITHFUL_MODES = {"RGB", "L", "P", "1"}
+
+
+def _to_rgb8(image, name: str) -> np.ndarray:
+    """The 8-bit RGB pixels an image file holds, or DataError when a conversion would change
+    them (more than 8 bits per channel, transparency, CMYK, floating point)."""
+    mode = image.mode
+    if mode == "P" and "transparency" in image.info:
+        mode = "PA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+        if alpha.min() == 255:  # fully opaque: dropping the alpha channel loses nothing
+            return np.asarray(image.convert("RGB"), np.uint8)
+        raise DataError(f"folder: image {name!r} has transparent pixels (mode {image.mode}); "
+                        "CIFAR-10 images are opaque 8-bit RGB. Flatten it first.")
+    if mode not in _FAITHFUL_MODES:
+        raise DataError(f"folder: image {name!r} has mode {image.mode!r}, which does not "
+                        "convert to 8-bit RGB faithfully (e.g. 16-bit, float or CMYK). Save it "
+                        "as 8-bit RGB (or greyscale / palette) first.")
+    return np.asarray(image.convert("RGB"), np.uint8)
 
 
 def load_folder(path: str) -> Tuple[Split, Split]:
@@ -166,46 +240,85 @@ def load_folder(path: str) -> Tuple[Split, Split]:
             f"test/; found {len(classes)} in train ({classes}) and {len(tree['test'])} in test "
             f"({sorted(tree['test'])}).")
 
+    def decode(name: str) -> np.ndarray:
+        data = reader.read(name)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                array = _to_rgb8(im, name)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"folder: cannot decode image {name!r} in {path!r}: {e}") from e
+        if array.shape != IMAGE_SHAPE:
+            raise DataError(f"folder: image {name!r} has shape {array.shape}; every "
+                            f"image must be {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} RGB.")
+        return array
+
     def read(split):
-        images, labels = [], []
-        for label, cls in enumerate(classes):
-            for name in tree[split][cls]:
-                try:
-                    with Image.open(io.BytesIO(reader.read(name))) as im:
-                        array = np.asarray(im.convert("RGB"), np.uint8)
-                except Exception as e:
-                    raise DataError(f"folder: cannot decode image {name!r} in {path!r}: {e}") from e
-                if array.shape != IMAGE_SHAPE:
-                    raise DataError(f"folder: image {name!r} has shape {array.shape}; every "
-                                    f"image must be {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} RGB.")
-                images.append(array)
-                labels.append(label)
-        return Split(np.stack(images), np.asarray(labels, np.int32))
+        names = [(label, n) for label, cls in enumerate(classes) for n in tree[split][cls]]
+        return Split(np.stack([decode(n) for _, n in names]),
+                     np.asarray([label for label, _ in names], np.int32))
 
     logging.info("Decoding images from %s (classes: %s)", path, ", ".join(classes))
     return read("train"), read("test")
 
 
+CIFAR10_DOWNLOAD_HOST = "www.cs.toronto.edu"  # where tensorflow-datasets fetches CIFAR-10
+_OFFLINE_SOURCES = ("Offline, point the run at a copy you already have: "
+                    "--config.data.source=cifar_dir:/path/to/cifar-10-batches-py or "
+                    "--config.data.source=folder:/path/to/cifar10_images(.tar.gz).")
+
+
+def download_reachable(host: str = CIFAR10_DOWNLOAD_HOST, timeout: float = 5.0) -> bool:
+    """Whether `host` accepts a connection within `timeout` seconds (name lookup included)."""
+    answer = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
 def load_tfds(data_dir: Optional[str]) -> Tuple[Split, Split]:
-    """tensorflow-datasets 'cifar10', downloaded to `data_dir` on first use."""
+    """tensorflow-datasets 'cifar10', downloaded and prepared in `data_dir` on first use."""
+    from cifar_jax import tf_runtime
+
+    tf_runtime.hide_gpus_from_tensorflow()  # imports TensorFlow quietly, before tfds does
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise DataError(
-            "data source 'tfds' needs tensorflow-datasets, which is not installed here. "
-            "Install it, or use config.data.source='cifar_dir:/path/to/cifar-10-batches-py' "
-            "or 'folder:/path/to/tree_or_archive'.") from e
-    from cifar_jax import tf_runtime
-    tf_runtime.hide_gpus_from_tensorflow()
+            f"data source 'tfds' needs tensorflow-datasets, which does not import here "
+            f"({e}). Install it (pip install -e . does), or use "
+            "config.data.source='cifar_dir:...' or 'folder:...'.") from e
     try:
-        splits = tfds.load("cifar10", split=["train", "test"], as_supervised=True,
-                           data_dir=data_dir)
+        builder = tfds.builder("cifar10", data_dir=data_dir)
+        if not builder.is_prepared():
+            if not download_reachable():
+                raise DataError(
+                    f"CIFAR-10 is not in the tensorflow-datasets directory ({builder.data_dir}) "
+                    f"and its download host {CIFAR10_DOWNLOAD_HOST} cannot be reached (no "
+                    f"network?). {_OFFLINE_SOURCES}")
+            logging.info("Downloading and preparing CIFAR-10 into %s ...", builder.data_dir)
+            builder.download_and_prepare()
+        splits = builder.as_dataset(split=["train", "test"], as_supervised=True)
+    except DataError:
+        raise
+    except ModuleNotFoundError as e:
+        raise DataError(f"tensorflow-datasets needs the Python module {e.name!r}, which is not "
+                        f"installed: pip install {e.name} (pip install -e . installs it). "
+                        f"{_OFFLINE_SOURCES}") from e
     except Exception as e:
         raise DataError(
             f"CIFAR-10 could not be loaded or downloaded by tensorflow-datasets "
-            f"(data_dir={data_dir!r}): {type(e).__name__}: {e}\nOffline, point the run at a "
-            "copy you already have: --config.data.source=cifar_dir:/path/to/cifar-10-batches-py "
-            "or --config.data.source=folder:/path/to/cifar10_images(.tar.gz).") from e
+            f"(data_dir={data_dir!r}): {type(e).__name__}: {e}\n{_OFFLINE_SOURCES}") from e
 
     def to_split(ds):
         # Batched iteration rather than batch_size=-1, which aborts inside TF on some builds.

@@ -1,6 +1,41 @@
 """The one place that touches TensorFlow's runtime (used by tfds and TensorBoard writers)."""
 
+import contextlib
+import os
+import sys
+
 from absl import logging
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences what C++ libraries print to the stderr file descriptor at import time
+    (TensorFlow announces its oneDNN and CPU-feature builds there, before any log config)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. captured): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def import_tensorflow():
+    """TensorFlow, imported without its start-up chatter; None when it is not installed."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    try:
+        with _quiet_stderr():
+            import tensorflow as tf
+    except ImportError:
+        return None
+    return tf
 
 
 def hide_gpus_from_tensorflow() -> bool:
@@ -8,9 +43,8 @@ def hide_gpus_from_tensorflow() -> bool:
 
     Returns False when TensorFlow is not installed (nothing to hide).
     """
-    try:
-        import tensorflow as tf
-    except ImportError:
+    tf = import_tensorflow()
+    if tf is None:
         return False
     try:
         tf.config.set_visible_devices([], "GPU")

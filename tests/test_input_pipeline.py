@@ -132,20 +132,75 @@ def test_invalid_source_string():
         ip.parse_source("imagenet")
 
 
-def test_tfds_offline_error_shows_alternatives(tmp_path, monkeypatch):
+def _write_cifar_binary(root, per_batch=20):
+    """A cifar-10-batches-bin folder as the CIFAR-10 site serves it: rows of a label byte and
+    3072 channel-major pixel bytes."""
+    d = os.path.join(root, "cifar-10-batches-bin")
+    os.makedirs(d)
+    rng = np.random.default_rng(0)
+    first = None
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = (np.arange(per_batch) % 10).astype(np.uint8)
+        pixels = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        np.concatenate([labels[:, None], pixels], 1).tofile(os.path.join(d, name))
+        first = pixels[0] if first is None else first
+    with open(os.path.join(d, "batches.meta.txt"), "w") as f:
+        f.write("\n".join(ip.CIFAR10_CLASSES) + "\n")
+    return first.reshape(3, 32, 32).transpose(1, 2, 0)
+
+
+def test_tfds_builder_downloads_and_prepares_offline(tmp_path, monkeypatch):
+    """The real tfds 'cifar10' builder, with only its download step replaced by a local
+    archive: a missing dependency or a changed tfds API fails here, not for users."""
     import tensorflow_datasets as tfds
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
+    first_image = _write_cifar_binary(str(tmp_path / "download"))
+    urls = []
 
-    monkeypatch.setattr(tfds, "load", offline)
-    with pytest.raises(DataError, match=r"(?s)could not be loaded or downloaded.*cifar_dir:.*folder:"):
+    def download_and_extract(self, url):
+        urls.append(url)
+        return str(tmp_path / "download")
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
+                        download_and_extract)
+    monkeypatch.setattr(ip, "download_reachable", lambda *a, **k: True)
+    train, test = ip.load_tfds(str(tmp_path / "tfds"))
+    assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+    assert len(train) == 100 and len(test) == 20
+    assert sorted(np.bincount(train.labels).tolist()) == [10] * 10
+    assert any(np.array_equal(img, first_image) for img in train.images)
+    # Prepared once: a second load neither downloads nor probes the network.
+    monkeypatch.setattr(ip, "download_reachable", lambda *a, **k: 1 / 0)
+    assert len(ip.load_tfds(str(tmp_path / "tfds"))[0]) == 100 and len(urls) == 1
+
+
+def test_tfds_offline_fails_fast_and_shows_alternatives(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(ip, "CIFAR10_DOWNLOAD_HOST", "cifar10.invalid")  # never resolves
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=r"(?s)cannot be reached.*cifar_dir:.*folder:"):
+        ip.load_tfds(str(tmp_path))
+    assert time.perf_counter() - t0 < 20
+
+
+def test_tfds_missing_module_is_named(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'importlib_resources'",
+                                  name="importlib_resources")
+
+    monkeypatch.setattr(tfds, "builder", missing)
+    with pytest.raises(DataError, match="module 'importlib_resources'.*pip install "
+                                        "importlib_resources"):
         ip.load_tfds(str(tmp_path))
 
 
-def test_tfds_source_with_mock_data():
+def test_tfds_source_with_mock_data(monkeypatch):
     import tensorflow_datasets as tfds
 
+    monkeypatch.setattr(ip, "download_reachable", lambda *a, **k: True)
     with tfds.testing.mock_data(num_examples=200):
         ds = ip.load_dataset(_data_config("tfds", val_size=10))
     assert ds.train.images.dtype == np.uint8 and ds.train.images.shape[1:] == (32, 32, 3)
@@ -174,3 +229,90 @@ def test_val_size_zero_and_too_large():
     assert ds.val is None and len(ds.train) == 200
     with pytest.raises(DataError, match="val_size=200"):
         ip.load_dataset(_data_config("synthetic", val_size=200))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactly what is on disk, or a clear refusal.
+
+
+def test_cifar_dir_refuses_malformed_batches(cifar_pickle_dir):
+    path, _ = cifar_pickle_dir
+    cases = {
+        "row length": {b"data": np.zeros((20, 3000), np.uint8), b"labels": [0] * 20},
+        "label count": {b"data": np.zeros((20, 3072), np.uint8), b"labels": [0] * 19},
+        "label range": {b"data": np.zeros((20, 3072), np.uint8), b"labels": [10] * 20},
+        "dtype": {b"data": np.zeros((20, 3072), np.float32), b"labels": [0] * 20},
+    }
+    messages = {"row length": r"shape \(20, 3000\), expected \(N, 3072\)",
+                "label count": "19 labels for 20 images", "label range": "labels outside 0..9",
+                "dtype": "dtype float32, expected uint8"}
+    for case, batch in cases.items():
+        with open(os.path.join(path, "data_batch_3"), "wb") as f:
+            pickle.dump(batch, f)
+        with pytest.raises(DataError, match=f"data_batch_3.*{messages[case]}"):
+            ip.load_cifar_dir(path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_dir_unpickler_runs_no_code(cifar_pickle_dir):
+    path, _ = cifar_pickle_dir
+    with open(os.path.join(path, "test_batch"), "wb") as f:
+        pickle.dump({b"data": _Evil(), b"labels": []}, f)
+    with pytest.raises(DataError, match=r"test_batch.*refusing to load (posix|os)\.system"):
+        ip.load_cifar_dir(path)
+
+
+def test_image_modes_are_decoded_faithfully_or_refused(tmp_path):
+    _write_tree(str(tmp_path), per_class=(1, 1))
+    target = tmp_path / "train" / "cat" / "0000.png"
+    grey = np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)
+    Image.fromarray(grey, mode="L").save(target)
+    train, _ = ip.load_folder(str(tmp_path))
+    cat = train.images[train.labels == ip.CIFAR10_CLASSES.index("cat")][0]
+    np.testing.assert_array_equal(cat, np.repeat(grey[..., None], 3, -1))  # grey -> RGB exactly
+    opaque = np.dstack([_images(1, 1)[0], np.full((32, 32), 255, np.uint8)])
+    Image.fromarray(opaque, mode="RGBA").save(target)
+    train, _ = ip.load_folder(str(tmp_path))
+    assert train.images.shape == (10, 32, 32, 3)  # an opaque alpha channel loses nothing
+    refused = {"I;16": Image.fromarray(np.full((32, 32), 40000, np.uint16)),
+               "RGBA": Image.fromarray(np.dstack([_images(1, 1)[0],
+                                                  np.full((32, 32), 7, np.uint8)]), mode="RGBA"),
+               "CMYK": Image.new("CMYK", (32, 32))}
+    for mode, image in refused.items():
+        path = target.with_suffix(".tiff" if mode == "CMYK" else ".png")
+        for old in target.parent.iterdir():
+            old.unlink()
+        image.save(path)
+        if path.suffix == ".tiff":  # not an image suffix the loader reads: use .png names
+            path.rename(target)
+        with pytest.raises(DataError, match=r"train/cat/0000\.png"):
+            ip.load_folder(str(tmp_path))
+
+
+def test_truncated_archive_is_refused_by_name(tmp_path):
+    _write_tree(str(tmp_path / "tree"), per_class=(2, 1))
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "tree", arcname="cifar10")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cifar\.tar\.gz.*(truncated|readable)"):
+        ip.load_folder(str(archive))
+
+
+def test_wrapping_folder_beside_macos_junk_and_linked_class_folders(tmp_path):
+    root = tmp_path / "download"
+    tree = root / "cifar10"
+    _write_tree(str(tree), per_class=(1, 1))
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._cifar10").write_bytes(b"x")
+    (root / ".DS_Store").write_bytes(b"x")
+    moved = tmp_path / "elsewhere_cat"
+    os.rename(tree / "train" / "cat", moved)
+    os.symlink(moved, tree / "train" / "cat")
+    train, test = ip.load_folder(str(root))
+    assert len(train) == 10 and len(test) == 10
