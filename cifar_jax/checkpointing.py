@@ -1,102 +1,234 @@
-"""Orbax checkpoints of the full train state: the latest few, and the best one kept apart.
+"""Orbax checkpoints of one run: the latest few and the best, in one CheckpointManager.
 
 Layout in the workdir:
-  checkpoints/<step>/        latest `max_to_keep` states (params, batch stats, optimizer
-                             state, step, RNG key, dropout rate) plus a JSON `meta` item
-                             (epoch, position in the epoch, status)
-  best_checkpoint/<step>/    the state with the best validation accuracy so far
-  best.json                  pointer to it: step, epoch, val accuracy
+  checkpoints/<step>/   full train states (params, batch stats, optimizer state, step, RNG key,
+                        hyperparameters, EMA) plus a JSON `meta` item (epoch, position in the
+                        epoch, best so far, train time) and, at epoch ends, the selection metric
+  best_weights/         written when the run completes: the best epoch's weights and batch
+                        statistics (and EMA) only; the full checkpoints are then removed unless
+                        config.keep_full_checkpoints
 
-Retention of the latest is by step only: the best state is a separate manager, because
-driving retention with `best_fn` would delete the newest checkpoints.
+Retention is orbax's preservation policy: the latest `max_to_keep` plus the best by validation
+accuracy (earliest on ties). Orbax deletes a superseded checkpoint only once its replacement
+is committed, so a save that fails leaves the previous latest and best intact; the failure
+stops the run (WorkdirError, exit 2). Before each save the directory is probed and the free
+space compared with the state's size, so a full or read-only disk is reported at once.
 """
 
 import os
+import re
+import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cifar_jax.metric_writing import read_json, write_json_atomic
+from cifar_jax import workdir as workdir_lib
+from cifar_jax.workdir import WorkdirError
+
+_STEP_DIR = re.compile(r"^\d+$")
+_TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
 
 class CheckpointError(RuntimeError):
     """No readable checkpoint where checkpoints exist."""
 
 
-def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=True)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+def _selection_key(metrics: Dict[str, Any]):
+    # Higher validation accuracy is better; on ties the earlier step wins.
+    return metrics["selection"], -metrics["step"]
+
+
+def nbytes(tree: Any) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+
+
+def check_layout(directory: str) -> None:
+    """Refuses, by name, what orbax would trip over later: a file where the checkpoint
+    directory belongs, or entries in it that are neither step directories nor orbax's own
+    temporary ones."""
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise WorkdirError(f"{directory} is a file, where the checkpoint directory belongs. Move "
+                           "it away (or use another --workdir) and run again.")
+    if not os.path.isdir(directory):
+        return
+    foreign = [name for name in sorted(os.listdir(directory))
+               if not (os.path.isdir(os.path.join(directory, name))
+                       and (_STEP_DIR.match(name) or _TMP_DIR.match(name)))]
+    if foreign:
+        raise WorkdirError(f"{directory} holds entries that are not checkpoints: "
+                           f"{', '.join(foreign[:5])}. Move them away and run again.")
+
+
+def remove_unfinished(directory: str) -> None:
+    """Deletes temporary directories of saves that never completed (a crash, a full disk).
+
+    Orbax would clean them up itself, but asynchronously, and a save of the same step reuses
+    the same temporary name: the two race. Removing them first, synchronously, avoids that.
+    """
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if _TMP_DIR.match(name):
+            logging.warning("Removing %s/%s, left by a save that did not complete.", directory,
+                            name)
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def latest_step_on_disk(workdir: str) -> Optional[int]:
+    """The newest committed checkpoint step of a run directory, from the listing alone."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(n) for n in os.listdir(directory)
+             if _STEP_DIR.match(n) and os.path.isdir(os.path.join(directory, n))]
+    return max(steps, default=None)
 
 
 class Checkpoints:
     def __init__(self, workdir: str, max_to_keep: int = 2):
         self.workdir = os.path.abspath(workdir)
-        self.latest = _manager(os.path.join(self.workdir, "checkpoints"), max_to_keep)
-        self.best = _manager(os.path.join(self.workdir, "best_checkpoint"), 1)
-        self.best_pointer = os.path.join(self.workdir, "best.json")
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.weights_directory = os.path.join(self.workdir, "best_weights")
+        check_layout(self.directory)
+        remove_unfinished(self.directory)
+        pp = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            best_fn=_selection_key, best_mode="max", create=True,
+            cleanup_tmp_directories=True, enable_async_checkpointing=True,
+            preservation_policy=pp.AnyPreservationPolicy([
+                pp.LatestN(max_to_keep),
+                pp.BestN(get_metric_fn=_selection_key, n=1,
+                         keep_checkpoints_without_metrics=False)]))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+        self._last_size = 0
 
-    def save(self, step: int, state: Any, meta: Dict[str, Any], best: bool = False):
-        """Starts an (asynchronous) save of `state` at `step`; `best` also replaces the best."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        if step not in self.latest.all_steps():
-            self.latest.save(step, args=args, force=True)
-        if best:
-            self.best.wait_until_finished()
-            for old in self.best.all_steps():
-                self.best.delete(old)
-            self.best.save(step, args=args, force=True)
-            self.best.wait_until_finished()
-            write_json_atomic(self.best_pointer, {"step": step, **meta})
+    # -- saving ---------------------------------------------------------------------------------
 
-    def wait(self):
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+    def save(self, step: int, state: Any, meta: Dict[str, Any],
+             selection: Optional[float] = None) -> None:
+        """Starts an asynchronous save of `state` at `step`. `selection` (validation accuracy
+        at an epoch end) makes it a candidate for the best checkpoint."""
+        self._last_size = nbytes(state)
+        workdir_lib.ensure_writable(self.directory, self._last_size, "save a checkpoint")
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta))
+        metrics = None if selection is None else {"selection": float(selection), "step": step}
+        try:
+            if step not in self.manager.all_steps():
+                self.manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # orbax and tensorstore raise many types for a failed write
+            raise self._write_error(e) from e
 
-    def _restore(self, manager, step, template) -> Tuple[Any, Dict[str, Any]]:
+    def poll(self) -> None:
+        """Raises WorkdirError if a finished background save failed (cheap; call often)."""
+        if not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(e) from e
+
+    def _write_error(self, error: BaseException) -> WorkdirError:
+        return workdir_lib.write_error(self.directory, error, self._last_size,
+                                       "save a checkpoint")
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def _restore(self, step: int, template) -> Tuple[Any, Dict[str, Any]]:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        out = manager.restore(step, args=ocp.args.Composite(
+        out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
-    def restore_latest(self, template) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
-        """Restores the newest readable checkpoint; falls back to older ones if one is corrupt.
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def restore_latest(self, template, max_step: Optional[int] = None
+                       ) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
+        """Restores the newest readable checkpoint (at or before `max_step`); falls back to
+        older ones if one is corrupt.
 
         Returns None when there is no checkpoint at all; raises CheckpointError when
-        checkpoints exist but none can be read (never silently start from scratch).
+        checkpoints exist but none (at or before `max_step`) can be read: never silently
+        start from scratch over them.
         """
-        steps = sorted(self.latest.all_steps(), reverse=True)
+        all_steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = [s for s in all_steps if max_step is None or s <= max_step]
         errors = []
         for step in steps:
             try:
-                state, meta = self._restore(self.latest, step, template)
+                state, meta = self._restore(step, template)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                logging.error("Checkpoint %s/checkpoints/%d is unreadable (%s: %s); trying an "
-                              "older one.", self.workdir, step, type(e).__name__, e)
+                logging.error("Checkpoint %s/%d is unreadable (%s: %s); trying an older one.",
+                              self.directory, step, type(e).__name__, e)
                 errors.append(f"step {step}: {type(e).__name__}: {e}")
                 continue
+            self._drop_after(step)
             return step, state, meta
-        if steps:
+        if all_steps:
+            limit = "" if max_step is None else f" at or before step {max_step}"
             raise CheckpointError(
-                f"None of the checkpoints in {self.workdir}/checkpoints can be read:\n  " +
-                "\n  ".join(errors) + "\nRefusing to start from scratch over them: move the "
-                "directory away (or use a new --workdir) to start a fresh run.")
+                f"No checkpoint in {self.directory}{limit} can be read:\n  " +
+                "\n  ".join(errors or ["(none that early)"]) + "\nRefusing to start from "
+                "scratch over them: move the directory away (or use a new --workdir) to start "
+                "a fresh run.")
         return None
 
+    def _drop_after(self, step: int) -> None:
+        """Deletes checkpoints newer than the one resumed from (unreadable ones, or a pack's
+        members ahead of the others): training redoes them, and they must not shadow the
+        new saves at the same steps."""
+        for newer in [s for s in self.manager.all_steps() if s > step]:
+            logging.warning("Removing checkpoint %s/%d: training resumes from step %d and "
+                            "writes it again.", self.directory, newer, step)
+            self.manager.delete(newer)
+
+    def best_step(self) -> Optional[int]:
+        """The step of the best epoch-end checkpoint (mid-epoch ones are never best)."""
+        return self.manager.best_step()
+
     def restore_best(self, template) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
-        steps = self.best.all_steps()
-        if not steps:
+        step = self.best_step()
+        if step is None:
             return None
-        state, meta = self._restore(self.best, steps[-1], template)
-        return steps[-1], state, meta
+        state, meta = self._restore(step, template)
+        return step, state, meta
 
-    def best_info(self) -> Optional[Dict[str, Any]]:
-        return read_json(self.best_pointer)
+    # -- the completed run ----------------------------------------------------------------------
 
-    def close(self):
+    def save_weights(self, weights: Dict[str, Any]) -> None:
+        """Writes the weights a completed run keeps (synchronously; replaces earlier ones)."""
+        workdir_lib.ensure_writable(self.workdir, nbytes(weights), "save the best weights")
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(self.weights_directory, weights, force=True)
+                checkpointer.wait_until_finished()
+        except Exception as e:
+            raise workdir_lib.write_error(self.workdir, e, nbytes(weights),
+                                          "save the best weights") from e
+
+    def has_weights(self) -> bool:
+        return os.path.isdir(self.weights_directory)
+
+    def load_weights(self, template: Dict[str, Any]) -> Dict[str, Any]:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(self.weights_directory, abstract)
+
+    def remove_full_checkpoints(self) -> None:
+        """Deletes the full train states once the best weights are saved."""
         self.wait()
-        self.latest.close()
-        self.best.close()
+        for step in self.manager.all_steps():
+            self.manager.delete(step)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

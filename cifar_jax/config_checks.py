@@ -1,5 +1,11 @@
-"""Start-up checks of a run's config: fail before any data is read or anything compiled."""
+"""Start-up checks of a run's config: fail before any data is read or anything compiled.
 
+Every value is checked against the range in which it has a distinct meaning; a refusal names
+the field, the value and what is valid. `check_run_shape` adds the checks that need the data
+set's size.
+"""
+
+import math
 from typing import Any, Dict, List
 
 import ml_collections
@@ -10,11 +16,14 @@ from cifar_jax.models import MODELS
 from cifar_jax.optim import OPTIMIZERS
 
 DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("default", "tf32", "highest")
 FRAMEWORKS = ("jax", "torch")
+STEP_LOOPS = ("auto", "device", "host")
+INT32_MAX = 2**31 - 1  # step counters and seeds are int32 on the device
 # Fields that do not change a run's result: they may differ when a run is resumed.
 NON_RESULT_FIELDS = frozenset({
     "allow_config_change", "log_every_steps", "checkpoint_max_to_keep", "eval_batch_size",
-    "data.tfds_data_dir", "evaluate_test",
+    "data.tfds_data_dir", "evaluate_test", "keep_full_checkpoints", "compilation_cache_dir", "step_loop",
 })
 
 
@@ -28,11 +37,24 @@ def _choice(errors: List[str], field: str, value: Any, valid):
                       f"{', '.join(map(str, valid))}.")
 
 
-def _positive(errors: List[str], field: str, value: Any, integer: bool = False):
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        what = "a positive integer" if integer else "a positive number"
-        errors.append(f"config.{field}={value!r} is not valid; expected {what}.")
+def _number(errors: List[str], field: str, value: Any, low=None, high=None, *,
+            integer: bool = False, low_open: bool = False, high_open: bool = False):
+    """Checks `low <= value <= high` (or strict, per side) for a finite number (an integer)."""
+    kind = "an integer" if integer else "a finite number"
+    ok = (isinstance(value, int) if integer else isinstance(value, (int, float)))
+    ok = ok and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        fmt = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # noqa: E731
+        lo = "" if low is None else f"{'>' if low_open else '>='} {fmt(low)}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {fmt(high)}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        errors.append(f"config.{field}={value!r} is not valid; expected {kind}"
+                      f"{' ' + bounds if bounds else ''}.")
+    return ok
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -42,44 +64,77 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _choice(errors, "optimizer", config.optimizer, OPTIMIZERS)
     _choice(errors, "data.augmentation", config.data.augmentation, AUGMENTATIONS)
     _choice(errors, "dtype", config.dtype, DTYPES)
-    _choice(errors, "framework", config.get("framework", "jax"), FRAMEWORKS)
-    _positive(errors, "learning_rate", config.learning_rate)
-    _positive(errors, "num_epochs", config.num_epochs, integer=True)
-    _positive(errors, "batch_size", config.batch_size, integer=True)
-    _positive(errors, "eval_batch_size", config.eval_batch_size, integer=True)
-    _positive(errors, "log_every_steps", config.log_every_steps, integer=True)
-    _positive(errors, "checkpoint_max_to_keep", config.checkpoint_max_to_keep, integer=True)
-    if not isinstance(config.weight_decay, (int, float)) or config.weight_decay < 0:
-        errors.append(f"config.weight_decay={config.weight_decay!r} is not valid; expected a "
-                      "number >= 0.")
-    if config.dropout_rate is not None and not 0 <= config.dropout_rate < 1:
-        errors.append(f"config.dropout_rate={config.dropout_rate!r} is not valid; expected "
-                      "None (model default) or a number in [0, 1).")
-    if not 0 <= config.label_smoothing < 1:
-        errors.append(f"config.label_smoothing={config.label_smoothing!r} is not valid; "
-                      "expected a number in [0, 1).")
-    if config.warmup_epochs < 0:
-        errors.append(f"config.warmup_epochs={config.warmup_epochs!r} is not valid; expected "
-                      "a number >= 0.")
+    _choice(errors, "precision", config.precision, PRECISIONS)
+    _choice(errors, "framework", config.framework, FRAMEWORKS)
+    _choice(errors, "step_loop", config.step_loop, STEP_LOOPS)
+    _number(errors, "learning_rate", config.learning_rate, 0, low_open=True)
+    _number(errors, "weight_decay", config.weight_decay, 0)
+    _number(errors, "momentum", config.momentum, 0, 1, high_open=True)
+    _number(errors, "label_smoothing", config.label_smoothing, 0, 1, high_open=True)
+    _number(errors, "ema_decay", config.ema_decay, 0, 1, high_open=True)
+    if config.dropout_rate is not None:
+        _number(errors, "dropout_rate", config.dropout_rate, 0, 1, high_open=True)
+    epochs_ok = _number(errors, "num_epochs", config.num_epochs, 1, INT32_MAX, integer=True)
+    if _number(errors, "warmup_epochs", config.warmup_epochs, 0) and epochs_ok and \
+            config.warmup_epochs >= config.num_epochs > 0 and config.warmup_epochs > 0:
+        errors.append(f"config.warmup_epochs={config.warmup_epochs!r} is not valid: the warm-up "
+                      f"must end before training does (num_epochs={config.num_epochs}).")
     for field in ("batch_size", "eval_batch_size"):
-        value = config[field]
-        if isinstance(value, int) and value > 0 and value % num_devices:
-            errors.append(f"config.{field}={value} is not divisible by the {num_devices} "
+        if _number(errors, field, config[field], 1, INT32_MAX, integer=True) \
+                and config[field] % num_devices:
+            errors.append(f"config.{field}={config[field]} is not divisible by the {num_devices} "
                           f"devices; use a multiple of {num_devices}.")
-    if not isinstance(config.data.val_size, int) or config.data.val_size < 0:
-        errors.append(f"config.data.val_size={config.data.val_size!r} is not valid; expected "
-                      "an integer >= 0 (0 disables validation).")
+    _number(errors, "seed", config.seed, 0, INT32_MAX, integer=True)
+    _number(errors, "data.split_seed", config.data.split_seed, 0, 2**63 - 1, integer=True)
+    _number(errors, "log_every_steps", config.log_every_steps, 1, INT32_MAX, integer=True)
+    _number(errors, "checkpoint_max_to_keep", config.checkpoint_max_to_keep, 1, 1000,
+            integer=True)
+    _number(errors, "data.val_size", config.data.val_size, 0, INT32_MAX, integer=True)
+    _check_no_effect(errors, config)
+    _check_data_source(errors, config)
+    if errors:
+        raise ConfigError("Invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _check_no_effect(errors: List[str], config) -> None:
+    """Settings that would silently do nothing for this run are refused."""
+    if config.nesterov and config.optimizer != "sgd":
+        errors.append(f"config.nesterov=True has no effect with optimizer "
+                      f"{config.optimizer!r}; it applies to 'sgd' only.")
+    if config.data.tfds_data_dir is not None and config.data.source != "tfds":
+        errors.append(f"config.data.tfds_data_dir={config.data.tfds_data_dir!r} has no effect "
+                      f"with data.source={config.data.source!r}; it applies to 'tfds' only.")
+    if config.framework == "torch" and config.ema_decay > 0:
+        errors.append("config.ema_decay > 0 is not implemented by the PyTorch twin; set it to 0 "
+                      "or use framework 'jax'.")
+
+
+def _check_data_source(errors: List[str], config) -> None:
     try:
         parse_source(config.data.source)
     except DataError as e:
         errors.append(str(e))
-    if config.data.source == "synthetic" and isinstance(config.data.val_size, int):
-        if config.data.val_size >= config.data.synthetic_train_size:
-            errors.append(f"config.data.val_size={config.data.val_size} must be smaller than "
-                          f"the training set (config.data.synthetic_train_size="
-                          f"{config.data.synthetic_train_size}).")
-    if errors:
-        raise ConfigError("Invalid configuration:\n  " + "\n  ".join(errors))
+        return
+    if config.data.source != "synthetic":
+        return
+    for field in ("synthetic_train_size", "synthetic_test_size"):
+        _number(errors, f"data.{field}", config.data[field], 10, 10**7, integer=True)
+    val, train = config.data.val_size, config.data.synthetic_train_size
+    if isinstance(val, int) and isinstance(train, int) and val >= train:
+        errors.append(f"config.data.val_size={val} must be smaller than the training set "
+                      f"(config.data.synthetic_train_size={train}).")
+
+
+def check_run_shape(config, num_train: int) -> None:
+    """The checks that need the training set's size (after the validation split)."""
+    if config.batch_size > num_train:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the {num_train} training "
+            "images: no full batch per epoch. Use a smaller batch size (or more data).")
+    total = (num_train // config.batch_size) * config.num_epochs
+    if total > INT32_MAX:
+        raise ConfigError(f"config.num_epochs={config.num_epochs} makes {total} steps, more "
+                          f"than the step counter holds ({INT32_MAX}); use fewer epochs.")
 
 
 def flatten(config) -> Dict[str, Any]:

@@ -1,0 +1,321 @@
+"""What both frameworks share about a run directory: who owns it, what it holds, how it is written.
+
+  run.lock        the process that owns the directory (host, pid, start time); see `RunLock`
+  config.json     the run's config; a resume is compared against it (`check_stored_config`)
+  metrics.jsonl   one JSON object per epoch, appended; a partial last line is dropped on read
+  result.json     the run's outcome (`result_record`), written atomically
+
+Every whole-file write goes to a temporary file in the same directory and is renamed into
+place, so a reader (or a crash) never sees half a file. Files that cannot be read are refused
+by name, before any training starts.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+from absl import logging
+
+from cifar_jax import config_checks, models
+
+
+class WorkdirError(Exception):
+    """A run directory cannot be used as it is; the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic files.
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes `text` to `path` via a uniquely named temporary file and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str) -> Optional[Any]:
+    """The JSON in `path`, None if it does not exist; WorkdirError if it cannot be parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkdirError(f"{path} is not valid JSON ({e}). It was damaged or written by "
+                           "something else: move it away (or fix it) and run again.") from e
+    except IsADirectoryError as e:
+        raise WorkdirError(f"{path} is a directory where a JSON file belongs; move it away.") from e
+
+
+def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(record)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file. A partial last line (a crash mid-append) is dropped
+    from the file with a warning; a damaged line elsewhere is refused by name."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: the write never finished
+                logging.warning("%s: dropping an incomplete last line (%d characters), left by "
+                                "an interrupted write.", path, len(line))
+                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+                break
+            raise WorkdirError(f"{path}, line {number}, is not valid JSON ({e}). Move the "
+                               "file away (or delete that line) and run again.") from e
+    return records
+
+
+def truncate_jsonl(path: str, max_step: int) -> None:
+    """Drops per-epoch records written after the checkpoint a run resumes from."""
+    records = read_jsonl(path)
+    keep = [r for r in records if r.get("step", 0) <= max_step]
+    if len(keep) != len(records):
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+# ----------------------------------------------------------------------------------------------
+# Space and permissions.
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def ensure_writable(directory: str, needed_bytes: int = 0, what: str = "write") -> None:
+    """Raises WorkdirError, naming the directory, the free space and the size needed, unless a
+    small probe file can be written there and `needed_bytes` (plus a margin) are free."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe_") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(directory, e, needed_bytes, what) from e
+    free = shutil.disk_usage(directory).free
+    if needed_bytes and free < needed_bytes * 1.1 + (16 << 20):
+        raise write_error(directory, OSError(errno.ENOSPC, "not enough free space"),
+                          needed_bytes, what)
+
+
+def write_error(directory: str, error: BaseException, needed_bytes: int = 0,
+                what: str = "write") -> WorkdirError:
+    """The one message for a failed write: where, why, free space, size needed, what next."""
+    try:
+        free = format_bytes(shutil.disk_usage(directory).free)
+    except OSError:
+        free = "unknown"
+    reason = getattr(error, "strerror", None) or str(error)
+    need = f", {format_bytes(needed_bytes)} needed" if needed_bytes else ""
+    return WorkdirError(
+        f"Cannot {what} in {directory}: {reason} ({free} free{need}). Everything written before "
+        "is intact: free space or fix permissions there, then run the same command to resume.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ownership.
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class RunLock:
+    """One live process owns a directory: an exclusive `flock` on `<directory>/<name>`, whose
+    content says who holds it (host, pid, start time).
+
+    The kernel drops the flock when its process dies (even by kill -9), so a lock file left
+    behind by a dead process on this host is taken over, with a log line. A file left by a
+    process on another host is not: that process cannot be proven gone from here.
+    """
+
+    def __init__(self, directory: str, name: str = "run.lock"):
+        self.directory = directory
+        self.path = os.path.join(directory, name)
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> str:
+        info = self._read_info(self.path)
+        if not info:
+            return "another process (it has not written its details yet)"
+        return (f"process {info.get('pid')} on host {info.get('host')}, running since "
+                f"{info.get('started', '?')}")
+
+    @staticmethod
+    def _read_info(path: str) -> Dict[str, Any]:
+        try:
+            with open(path) as f:
+                return json.loads(f.read() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def try_acquire(self, blocking: bool = False) -> bool:
+        """Takes the lock; False when a live process holds it (or waits, when blocking)."""
+        assert self._fd is None, f"{self.path} is already held by this object"
+        os.makedirs(self.directory, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:  # a releasing holder may have unlinked the file after we opened it
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)
+        try:
+            self._take_over_from(self._read_info(self.path))
+        except WorkdirError:
+            os.close(fd)
+            raise
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return True
+
+    def _take_over_from(self, previous: Dict[str, Any]) -> None:
+        if not previous:
+            return
+        host = socket.gethostname()
+        if previous.get("host") != host:
+            raise WorkdirError(
+                f"{self.path} names process {previous.get('pid')} on host {previous.get('host')}, "
+                f"which this host ({host}) cannot check. If that process is gone, delete "
+                f"{self.path} and run again.")
+        state = ("no longer running" if not _process_alive(int(previous.get("pid", -1)))
+                 else "a reused process id; its lock was released")
+        logging.warning("Taking over %s from process %s on %s (started %s): %s.", self.path,
+                        previous.get("pid"), host, previous.get("started", "?"), state)
+
+    def acquire(self) -> "RunLock":
+        """Takes the lock or raises WorkdirError naming the live holder."""
+        if not self.try_acquire():
+            raise WorkdirError(f"{self.directory} is in use by {self.holder()}. Wait for it "
+                               "to finish, stop it, or use another --workdir.")
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        if not self.held:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# The stored config and the result, the same for JAX and the PyTorch twin.
+
+
+def check_stored_config(config, workdir: str) -> None:
+    """Refuses to resume a run whose stored config differs in a result-changing field.
+
+    Writes nothing: the caller stores the config once every start-up check has passed.
+    """
+    path = os.path.join(workdir, "config.json")
+    stored = read_json(path)
+    if stored is None:
+        return
+    diffs = config_checks.result_changing_differences(stored, config)
+    if diffs and not config.allow_config_change:
+        raise config_checks.ConfigError(
+            f"{workdir!r} holds a run with a different config:\n  " + "\n  ".join(diffs) +
+            "\nUse a new --workdir, or pass --config.allow_config_change=true to resume with "
+            "the new values.")
+    if diffs:
+        logging.warning("Resuming with a changed config (allow_config_change=true):\n  %s",
+                        "\n  ".join(diffs))
+
+
+def store_config(config, workdir: str) -> None:
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+
+def hyperparameters(config) -> Dict[str, Any]:
+    """The fields that identify a trial, as they appear in result.json and results.csv."""
+    return {"model": config.model, "optimizer": config.optimizer,
+            "learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
+            "augmentation": config.data.augmentation,
+            "dropout_rate": models.dropout_rate(config.model, config.dropout_rate),
+            "label_smoothing": config.label_smoothing, "warmup_epochs": config.warmup_epochs,
+            "ema_decay": config.ema_decay, "seed": config.seed}
+
+
+def result_record(config, status: str, framework: str, **fields) -> Dict[str, Any]:
+    """result.json: the outcome plus everything needed to tell which run it belongs to."""
+    return {"status": status, "framework": framework, "num_epochs": config.num_epochs,
+            "batch_size": config.batch_size, "precision": config.precision,
+            "dtype": config.dtype, **hyperparameters(config), **fields}
+
+
+def write_result(workdir: str, record: Mapping[str, Any]) -> None:
+    write_json_atomic(os.path.join(workdir, "result.json"), dict(record))
+
+
+def read_result(workdir: str) -> Optional[Dict[str, Any]]:
+    return read_json(os.path.join(workdir, "result.json"))

@@ -1,0 +1,170 @@
+"""A run directory: one owner, atomic files, damaged files refused or repaired, write failures
+reported at once with everything before them intact and resumable."""
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cifar_jax import train, workdir as workdir_lib
+from cifar_jax.checkpointing import Checkpoints
+from cifar_jax.workdir import RunLock, WorkdirError
+from conftest import CACHE_FLAG
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_lock_has_one_owner_and_names_it(tmp_path):
+    first = RunLock(str(tmp_path)).acquire()
+    info = json.load(open(tmp_path / "run.lock"))
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    with pytest.raises(WorkdirError, match=rf"is in use by process {os.getpid()} on host"):
+        RunLock(str(tmp_path)).acquire()
+    first.release()
+    assert not (tmp_path / "run.lock").exists()
+    RunLock(str(tmp_path)).acquire().release()  # free again
+
+
+def test_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "run.lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": int(dead), "started": "earlier"}))
+    lock = RunLock(str(tmp_path)).acquire()
+    assert f"Taking over {tmp_path}/run.lock from process {dead}" in caplog.text
+    assert "no longer running" in caplog.text
+    lock.release()
+    # A lock file from another host cannot be proven stale: refused, with the way out.
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(WorkdirError, match="host elsewhere.*delete .*run.lock"):
+        RunLock(str(tmp_path)).acquire()
+
+
+def test_second_process_on_a_busy_run_workdir_exits_2(tmp_path):
+    with RunLock(str(tmp_path)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "cifar_jax.main", "--config", "configs/smoke.py",
+             "--workdir", str(tmp_path), CACHE_FLAG], cwd=ROOT, capture_output=True, text=True,
+            timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count(f"is in use by process {os.getpid()}") == 1  # printed once
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_atomic_json_and_partial_jsonl_line(tmp_path, caplog):
+    path = str(tmp_path / "r.json")
+    workdir_lib.write_json_atomic(path, {"a": 1})
+    assert workdir_lib.read_json(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["r.json"]  # no temporary file left
+    (tmp_path / "bad.json").write_text('{"status": "comp')
+    with pytest.raises(WorkdirError, match=r"bad.json is not valid JSON.*move it away"):
+        workdir_lib.read_json(str(tmp_path / "bad.json"))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1, "step": 8}\n{"epoch": 2, "st')  # a crash mid-append
+    assert workdir_lib.read_jsonl(str(metrics)) == [{"epoch": 1, "step": 8}]
+    assert "dropping an incomplete last line" in caplog.text
+    assert metrics.read_text() == '{"epoch": 1, "step": 8}\n'  # repaired on disk
+    metrics.write_text('{"epoch": 1, "st\n{"epoch": 2, "step": 16}\n')
+    with pytest.raises(WorkdirError, match="metrics.jsonl, line 1, is not valid JSON"):
+        workdir_lib.read_jsonl(str(metrics))
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("result.json", r"result.json is not valid JSON"),
+    ("config.json", r"config.json is not valid JSON"),
+    ("checkpoints-file", r"checkpoints is a file, where the checkpoint directory belongs"),
+    ("foreign", r"checkpoints holds entries that are not checkpoints: notes.txt"),
+])
+def test_damaged_workdir_is_refused_at_start_up(tiny_config, tmp_path, damage, message):
+    if damage == "checkpoints-file":
+        (tmp_path / "checkpoints").write_text("x")
+    elif damage == "foreign":
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "notes.txt").write_text("x")
+    else:
+        (tmp_path / damage).write_text("{not json")
+    with pytest.raises(WorkdirError, match=message):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before training began
+
+
+class _FailedWrite:
+    """A save's commit that ran out of space half-way: part of the data is written (the real
+    writes finish), then the write fails."""
+
+    def __init__(self, writes):
+        self.writes = list(writes or [])
+
+    def result(self, timeout=None):
+        for write in self.writes:
+            write.result(timeout)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _fail_writes_from(monkeypatch, first_failing_save: int):
+    from orbax.checkpoint._src.handlers import standard_checkpoint_handler as handler
+
+    real = handler.StandardCheckpointHandler.async_save
+    saves = []
+
+    async def async_save(self, directory, *args, **kwargs):
+        futures = await real(self, directory, *args, **kwargs)
+        saves.append(str(directory))
+        if len(saves) >= first_failing_save:
+            return [_FailedWrite(futures)]
+        return futures
+
+    monkeypatch.setattr(handler.StandardCheckpointHandler, "async_save", async_save)
+
+
+def test_disk_full_mid_save_keeps_latest_and_best_and_resumes(tiny_config, tmp_path,
+                                                              monkeypatch):
+    """The epoch-2 save fails half-way (ENOSPC): the run stops with the workdir, free space and
+    size in one message; epoch 1's checkpoint (latest and best) stays; a rerun completes."""
+    reference = train.train_and_evaluate(tiny_config, str(tmp_path / "reference"))
+    workdir = str(tmp_path / "run")
+    _fail_writes_from(monkeypatch, first_failing_save=2)
+    with pytest.raises(WorkdirError, match=rf"Cannot save a checkpoint in {workdir}/checkpoints: "
+                                           r".*No space left on device \(.* free, .* needed\)"):
+        train.train_and_evaluate(tiny_config, workdir)
+    monkeypatch.undo()
+    ckpts = Checkpoints(workdir)
+    assert ckpts.latest_step() == 8 and ckpts.best_step() == 8
+    ckpts.close()
+    assert not os.path.exists(os.path.join(workdir, "result.json"))
+    resumed = train.train_and_evaluate(tiny_config, workdir)
+    assert resumed["test_loss"] == reference["test_loss"]
+    records = workdir_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["epoch"] for r in records] == [1, 2]  # no epoch lost, none twice
+
+
+@pytest.mark.parametrize("failure", ["read-only", "no-space"])
+def test_unwritable_workdir_mid_run_stops_at_once(tiny_config, tmp_path, monkeypatch, failure):
+    workdir = str(tmp_path)
+    probes = []
+    real_probe = workdir_lib.tempfile.NamedTemporaryFile
+    real_usage = workdir_lib.shutil.disk_usage
+
+    def probe(*args, **kwargs):
+        probes.append(1)
+        if failure == "read-only" and len(probes) > 3:  # 2 start-up probes, epoch 1's save
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_probe(*args, **kwargs)
+
+    def usage(path):
+        u = real_usage(path)
+        return u._replace(free=1000) if failure == "no-space" and len(probes) > 3 else u
+
+    monkeypatch.setattr(workdir_lib.tempfile, "NamedTemporaryFile", probe)
+    monkeypatch.setattr(workdir_lib.shutil, "disk_usage", usage)
+    reason = "Read-only file system" if failure == "read-only" else "not enough free space"
+    with pytest.raises(WorkdirError, match=rf"Cannot save a checkpoint in {workdir}/checkpoints:"
+                                           rf" {reason} \(.* free, .* needed\)"):
+        train.train_and_evaluate(tiny_config, workdir)
+    # Epoch 1's checkpoint is intact; epoch 2's save never started (nothing half-written).
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["8"]
