@@ -1,6 +1,7 @@
 """On-device augmentation and normalisation of uint8 image batches (pure, jittable).
 
-Modes:
+Modes (`level` in `augment` is the mode's index, data rather than code, so that trials that
+differ in augmentation share one compiled step):
   none      normalise only
   basic     torchvision RandomCrop(32, padding=4) (zero padding) + RandomHorizontalFlip()
   advanced  basic + ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1), with
@@ -72,15 +73,22 @@ def normalize(images, dtype=jnp.float32):
     return ((images - mean) / std).astype(dtype)
 
 
-def augment(key, images, mode: str, dtype=jnp.float32):
-    """uint8 [N, 32, 32, 3] -> augmented, normalised `dtype` images. `mode` is static."""
+def augmentation_index(mode: str) -> int:
     if mode not in AUGMENTATIONS:
         raise ValueError(f"Unknown augmentation {mode!r}; valid: {', '.join(AUGMENTATIONS)}.")
-    if mode == "none":
-        return normalize(images, dtype)
+    return AUGMENTATIONS.index(mode)
+
+
+def augment(key, images, level, dtype=jnp.float32):
+    """uint8 [N, 32, 32, 3] -> augmented, normalised `dtype` images.
+
+    `level` is an index into AUGMENTATIONS (a mode name is accepted too), possibly traced:
+    crop and flip apply from 'basic' on, colour jitter from 'advanced' on.
+    """
+    if isinstance(level, str):
+        level = augmentation_index(level)
     k_crop, k_flip, k_jitter = jax.random.split(key, 3)
-    images = random_flip(k_flip, random_crop(k_crop, images))
-    images = images.astype(jnp.float32) / 255.0
-    if mode == "advanced":
-        images = color_jitter(k_jitter, images)
+    moved = random_flip(k_flip, random_crop(k_crop, images))
+    images = jnp.where(level >= 1, moved, images).astype(jnp.float32) / 255.0
+    images = jax.lax.cond(level >= 2, lambda x: color_jitter(k_jitter, x), lambda x: x, images)
     return normalize(images, dtype)

@@ -1,14 +1,16 @@
-"""Where a run's numbers go: TensorBoard (through CLU), metrics.jsonl and result.json.
+"""TensorBoard summaries (through CLU) and the progress estimate of a run.
 
 CLU's TensorBoard writer imports TensorFlow. Where TensorFlow is missing (a GPU box with only
 JAX installed) the run falls back to tensorboardX if present, else to JSON lines only, with one
-warning: training never fails for lack of TensorFlow.
+warning: training never fails for lack of TensorFlow. Scalars are not echoed to the log: the
+training loop prints one progress line per chunk of steps itself.
 """
 
 import json
+import math
 import os
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from absl import logging
 
@@ -41,77 +43,62 @@ class JsonlWriter:
             self._tbx.close()
 
 
+_warned = set()
+
+
+def _warn_once(message: str, *args):
+    if message not in _warned:
+        _warned.add(message)
+        logging.warning(message, *args)
+
+
 def create_writer(workdir: str):
-    """CLU's default writer (TensorBoard + log), or a fallback without TensorFlow."""
+    """CLU's TensorBoard SummaryWriter, or a fallback without TensorFlow."""
     from cifar_jax import tf_runtime
 
     if tf_runtime.hide_gpus_from_tensorflow():
         try:
             from clu import metric_writers
-            return metric_writers.create_default_writer(workdir, asynchronous=False)
+            return metric_writers.SummaryWriter(workdir)
         except ImportError as e:
-            logging.warning("CLU's TensorBoard writer is unavailable (%s).", e)
+            _warn_once("CLU's TensorBoard writer is unavailable (%s).", e)
     try:
         import tensorboardX
-        logging.warning("TensorFlow is not installed: writing TensorBoard events with "
-                        "tensorboardX and scalars to %s/scalars.jsonl.", workdir)
+        _warn_once("TensorFlow is not installed: TensorBoard events come from tensorboardX, "
+                   "scalars also go to scalars.jsonl in each run directory.")
         return JsonlWriter(workdir, tensorboardX.SummaryWriter(workdir))
     except ImportError:
-        logging.warning("Neither TensorFlow nor tensorboardX is installed: no TensorBoard "
-                        "events; scalars go to %s/scalars.jsonl.", workdir)
+        _warn_once("Neither TensorFlow nor tensorboardX is installed: no TensorBoard events; "
+                   "scalars go to scalars.jsonl in each run directory.")
         return JsonlWriter(workdir)
 
 
-class ProgressReporter:
-    """Steps/s and ETA: CLU's ReportProgress where it imports, else a small local equivalent."""
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
-    def __init__(self, num_train_steps: int, writer, every_steps: int):
-        self._num_train_steps = num_train_steps
-        self._clu = None
-        try:
-            from clu import periodic_actions
-            self._clu = periodic_actions.ReportProgress(
-                num_train_steps=num_train_steps, writer=writer, every_steps=every_steps)
-        except ImportError:
-            pass
-        self._t0: Optional[float] = None
-        self._s0 = 0
+
+class Eta:
+    """Steps per second since the first measured step, and the time left."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self._total = total_steps
+        self._t0 = None
+        self._s0 = self._step = start_step
         self.steps_per_sec = float("nan")
 
-    def __call__(self, step: int):
-        if self._clu is not None:
-            self._clu(step)
+    def update(self, step: int):
         now = time.perf_counter()
-        if self._t0 is None:
+        if self._t0 is None:  # the first chunk includes compilation: start timing after it
             self._t0, self._s0 = now, step
-        elif step > self._s0 and now > self._t0:
+        elif step > self._s0:
             self.steps_per_sec = (step - self._s0) / (now - self._t0)
+        self._step = step
 
-    def eta_seconds(self, step: int) -> float:
+    def seconds_left(self) -> float:
         if not self.steps_per_sec > 0:
             return float("nan")
-        return (self._num_train_steps - step) / self.steps_per_sec
-
-
-def append_jsonl(path: str, record: Mapping[str, Any]):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json_atomic(path: str, obj: Any):
-    """Writes JSON via a temporary file and rename, so readers never see half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> Optional[Any]:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+        return (self._total - self._step) / self.steps_per_sec

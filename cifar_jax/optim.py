@@ -1,8 +1,8 @@
 """Optimizers and the learning-rate schedule, with PyTorch's weight-decay semantics.
 
-The peak learning rate and the weight decay are injected hyperparameters
-(`optax.inject_hyperparams`): they live in the optimizer state as data, so trials that differ
-only in them reuse one compiled train step. The transformation itself is cached per structure.
+The optimizer kind (SGD-momentum, Adam, AdamW), the peak learning rate and the weight decay are
+injected hyperparameters (`optax.inject_hyperparams`): they live in the optimizer state as data,
+so every trial of a model reuses one compiled train step.
 """
 
 import functools
@@ -12,6 +12,12 @@ import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def optimizer_index(name: str) -> int:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
+    return OPTIMIZERS.index(name)
 
 
 def unit_schedule(total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
@@ -31,37 +37,63 @@ def _kernels_only(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-@functools.lru_cache(maxsize=None)
-def make_optimizer(name: str, total_steps: int, warmup_steps: int = 0, momentum: float = 0.9,
-                   nesterov: bool = False, decay_bn_and_bias: bool = True):
-    """Returns an optax transformation with injected `learning_rate` and `weight_decay`.
+def _by_kind(kind, weight_decay, mask, momentum: float, nesterov: bool):
+    """Direction of one update for optimizer `kind` (a traced index into OPTIMIZERS).
 
     sgd:   torch.optim.SGD(momentum, weight_decay): g += wd * p; buf = m * buf + g.
     adam:  torch.optim.Adam(weight_decay): coupled L2, g += wd * p before the moments.
-    adamw: torch.optim.AdamW: decoupled, p -= lr * (adam_update + wd * p).
+    adamw: torch.optim.AdamW: decoupled, the step is adam_update + wd * p.
+
+    One state serves all three: Adam's (count, mu, nu), whose `mu` doubles as the SGD momentum
+    buffer (a run uses one kind, so the buffer is never shared), so the state is no larger
+    than Adam's.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}.")
+    decay = optax.add_decayed_weights(weight_decay, mask)
+    sgd = optax.trace(decay=momentum, nesterov=nesterov)
+    adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+    def update(grads, state, params):
+        no_state = decay.init(params)
+
+        def with_decay(g):
+            return decay.update(g, no_state, params)[0]
+
+        def sgd_step():
+            u, trace = sgd.update(with_decay(grads), optax.TraceState(trace=state.mu), params)
+            return u, state._replace(mu=trace.trace)
+
+        def adam_step():
+            return adam.update(with_decay(grads), state, params)
+
+        def adamw_step():
+            u, new_state = adam.update(grads, state, params)
+            return with_decay(u), new_state
+
+        return jax.lax.switch(kind, (sgd_step, adam_step, adamw_step))
+
+    return optax.GradientTransformation(adam.init, update)
+
+
+@functools.lru_cache(maxsize=None)
+def make_optimizer(total_steps: int, warmup_steps: int = 0, momentum: float = 0.9,
+                   nesterov: bool = False, decay_bn_and_bias: bool = True):
+    """An optax transformation with injected `optimizer` (index), `learning_rate` and
+    `weight_decay`; set them with `with_hyperparams`. Cached per static structure."""
     schedule = unit_schedule(total_steps, warmup_steps)
     mask = None if decay_bn_and_bias else _kernels_only
 
-    def build(learning_rate, weight_decay):
-        decay = optax.add_decayed_weights(weight_decay, mask)
-        if name == "sgd":
-            core = [decay, optax.trace(decay=momentum, nesterov=nesterov)]
-        elif name == "adam":
-            core = [decay, optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)]
-        else:
-            core = [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), decay]
-        return optax.chain(*core, optax.scale_by_schedule(schedule),
+    def build(optimizer, learning_rate, weight_decay):
+        return optax.chain(_by_kind(optimizer, weight_decay, mask, momentum, nesterov),
+                           optax.scale_by_schedule(schedule),
                            optax.scale_by_learning_rate(learning_rate))
 
-    return optax.inject_hyperparams(build)(learning_rate=0.0, weight_decay=0.0)
+    return optax.inject_hyperparams(build)(optimizer=0, learning_rate=0.0, weight_decay=0.0)
 
 
-def with_hyperparams(opt_state, learning_rate: float, weight_decay: float):
-    """Sets the injected hyperparameters of a fresh optimizer state."""
+def with_hyperparams(opt_state, optimizer: str, learning_rate: float, weight_decay: float):
+    """Sets the injected hyperparameters of an optimizer state."""
     hp = dict(opt_state.hyperparams)
+    hp["optimizer"] = jnp.asarray(optimizer_index(optimizer), jnp.int32)
     hp["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     hp["weight_decay"] = jnp.asarray(weight_decay, jnp.float32)
     return opt_state._replace(hyperparams=hp)

@@ -1,267 +1,267 @@
-"""One training run: `train_and_evaluate(config, workdir)`.
+"""Training runs: `train_and_evaluate(config, workdir)` for one, `train_pack` for K trials of one
+model trained together. A single run is a pack of one.
 
-Pure functions around one immutable `TrainState`; I/O (checkpoints, metrics, logging, signals)
-stays in the host loop. The whole data set sits on the device; every batch is gathered,
-augmented and consumed inside one jitted step whose randomness is a pure function of
-(config.seed, step), so a resumed run continues exactly where it stopped.
+The host loop has three phases, each a short function below:
+  prepare  every check (config, workdir, data), then the stored config, compiled programs,
+           states fresh or restored, data on the device
+  train    chunks of steps (one dispatch and one host sync each): a progress line, the
+           non-finite check, SIGTERM; at each epoch end validation, metrics.jsonl, checkpoints
+  finish   test evaluation, result.json, best weights kept and full checkpoints pruned
+The compiled code lives in `engine.py`; this module is the I/O around it.
 """
 
 import dataclasses
-import functools
-import json
 import math
 import os
 import signal
-import socket
-import tempfile
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from clu import metrics
-from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cifar_jax import augment, config_checks, input_pipeline, metric_writing, models, optim
+from cifar_jax import config_checks, engine as engine_lib, input_pipeline, metric_writing, optim
+from cifar_jax import workdir as workdir_lib
 from cifar_jax.checkpointing import Checkpoints
-
-# Sub-streams of the run's key: each random choice has its own, folded with step or epoch.
-_INIT, _SHUFFLE, _AUGMENT, _DROPOUT = range(4)
-
-
-class TrainState(train_state.TrainState):
-    batch_stats: Any
-    rng: jax.Array  # the run's base key; per-step keys are folded from it
-    dropout_rate: jax.Array  # data, not code: trials differing in dropout share a compile
-
-
-@flax.struct.dataclass
-class Metrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
-    accuracy: metrics.Accuracy
+from cifar_jax.engine import Metrics, Progress, TrainState
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint at the current step was saved."""
+    """SIGTERM/SIGINT arrived (or a stop was requested); a checkpoint was saved."""
 
 
 class Diverged(Exception):
     """A non-finite loss appeared."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RunShape:
-    """Static sizes of a run, fixed by config and data."""
+@dataclasses.dataclass
+class Member:
+    """One trial of a pack and what the host keeps about it."""
 
-    num_train: int
-    batch_size: int
-    steps_per_epoch: int
-    num_epochs: int
+    config: ml_collections.ConfigDict
+    workdir: str
+    status: str = "running"  # running | completed | diverged | preempted
+    result: Optional[Dict[str, Any]] = None
+    ckpts: Optional[Checkpoints] = None
+    writer: Any = None
+    best_val: float = -1.0
+    best_epoch: int = 0  # 1-based, like the logs; 0 = none yet
+    train_time: float = 0.0
+    last_record: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.num_epochs
+    def name(self) -> str:
+        return os.path.basename(self.workdir)
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.workdir, "metrics.jsonl")
 
 
-def dropout_rate_for(config) -> float:
-    return models.dropout_rate(config.model, config.dropout_rate)
+@dataclasses.dataclass
+class Pack:
+    """K trials of one model on the device, stepping together."""
 
-
-def build_model(config):
-    return _model(config.model, config.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _model(name: str, dtype: str):
-    # One module instance per (name, dtype): its `apply` is a static part of the train state,
-    # so reusing it lets trials of the same model share the compiled step.
-    return models.get_model(name, dtype=jnp.dtype(dtype))
-
-
-def make_tx(config, shape: RunShape):
-    return optim.make_optimizer(config.optimizer, shape.total_steps, steps_warmup(config, shape),
-                                config.momentum, config.nesterov, config.decay_bn_and_bias)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_init(model):
-    """One compiled initialiser per model definition (modules are hashable dataclasses)."""
-    return jax.jit(functools.partial(model.init, train=False))
-
-
-def create_train_state(rng, config, model, shape: RunShape) -> TrainState:
-    """Initialises parameters, BN statistics and optimizer state (hyperparameters as data)."""
-    variables = _jitted_init(model)(jax.random.fold_in(rng, _INIT),
-                                    jnp.zeros((1, 32, 32, 3), jnp.float32))
-    tx = make_tx(config, shape)
-    state = TrainState.create(
-        apply_fn=model.apply, params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}), tx=tx, rng=rng,
-        dropout_rate=jnp.asarray(dropout_rate_for(config), jnp.float32))
-    return state.replace(opt_state=optim.with_hyperparams(
-        state.opt_state, config.learning_rate, config.weight_decay))
-
-
-def cross_entropy_loss(logits, labels, label_smoothing: float = 0.0):
-    """Per-example softmax cross-entropy with optional label smoothing."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def train_step(state: TrainState, images, labels, *, augmentation: str, dtype,
-               label_smoothing: float, batch_sharding=None) -> Tuple[TrainState, Metrics]:
-    """One SGD step on a uint8 batch: augment, forward, backward, update."""
-    step_key = lambda stream: jax.random.fold_in(jax.random.fold_in(state.rng, stream), state.step)  # noqa: E731
-    x = augment.augment(step_key(_AUGMENT), images, augmentation, dtype)
-    if batch_sharding is not None:
-        x = jax.lax.with_sharding_constraint(x, batch_sharding)
-        labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
-            dropout_rate=state.dropout_rate, mutable=["batch_stats"],
-            rngs={"dropout": step_key(_DROPOUT)})
-        per_example = cross_entropy_loss(logits, labels, label_smoothing)
-        return per_example.mean(), (per_example, logits, updates)
-
-    grads, (per_example, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
-    return new_state, Metrics.single_from_model_output(
-        loss=per_example, logits=logits, labels=labels)
-
-
-def eval_step(state: TrainState, images, labels, mask, *, dtype) -> Metrics:
-    """Metrics of one padded uint8 batch in eval mode; `mask` drops the padding."""
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            augment.normalize(images, dtype), train=False)
-    per_example = cross_entropy_loss(logits, labels)
-    return Metrics.single_from_model_output(loss=per_example, logits=logits, labels=labels,
-                                            mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# Compiled functions. Cached per static structure so that a grid of trials reuses them.
-
-
-@dataclasses.dataclass(frozen=True)
-class StaticSpec:
-    model: str
-    dtype: str
-    augmentation: str
-    label_smoothing: float
-    batch_size: int
-    eval_batch_size: int
-    steps_per_epoch: int
-    num_devices: int
-
-
-class CompiledSteps:
-    """The jitted train/eval/shuffle functions of one StaticSpec, on a data-parallel mesh."""
-
-    def __init__(self, spec: StaticSpec, mesh: Mesh):
-        self.spec = spec
-        self.mesh = mesh
-        self.replicated = NamedSharding(mesh, P())
-        self.batch_sharding = NamedSharding(mesh, P("data"))
-        dtype = jnp.dtype(spec.dtype)
-        step = functools.partial(train_step, augmentation=spec.augmentation, dtype=dtype,
-                                 label_smoothing=spec.label_smoothing,
-                                 batch_sharding=self.batch_sharding)
-        B, spe = spec.batch_size, spec.steps_per_epoch
-
-        def train_fn(state, train_images, train_labels, perm):
-            # The position in the epoch is state.step: nothing outside the state decides it.
-            start = (state.step % spe) * B
-            idx = jax.lax.dynamic_slice(perm, (start,), (B,))
-            return step(state, train_images[idx], train_labels[idx])
-
-        def eval_fn(state, images, labels, mask, index):
-            start = index * spec.eval_batch_size
-            take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, spec.eval_batch_size)  # noqa: E731
-            x, y, m = take(images), take(labels), take(mask)
-            x, y, m = (jax.lax.with_sharding_constraint(a, self.batch_sharding) for a in (x, y, m))
-            return eval_step(state, x, y, m, dtype=dtype)
-
-        self.train = jax.jit(train_fn, donate_argnums=0,
-                             out_shardings=(self.replicated, self.replicated))
-        self.eval = jax.jit(eval_fn, out_shardings=self.replicated)
-        self.permutation = jax.jit(
-            lambda rng, epoch, n: jax.random.permutation(
-                jax.random.fold_in(jax.random.fold_in(rng, _SHUFFLE), epoch), n),
-            static_argnums=2, out_shardings=self.replicated)
-
-
-def static_spec(config, steps_per_epoch: int, num_devices: int) -> StaticSpec:
-    """The static structure of `config`'s compiled steps."""
-    return StaticSpec(model=config.model, dtype=config.dtype,
-                      augmentation=config.data.augmentation,
-                      label_smoothing=float(config.label_smoothing),
-                      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                      steps_per_epoch=steps_per_epoch, num_devices=num_devices)
-
-
-_COMPILED: Dict[StaticSpec, CompiledSteps] = {}
-
-
-def compiled_steps(spec: StaticSpec) -> CompiledSteps:
-    """The jitted steps for `spec`, built once per process and reused by later runs."""
-    if spec not in _COMPILED:
-        devices = np.array(jax.devices()[: spec.num_devices])
-        _COMPILED[spec] = CompiledSteps(spec, Mesh(devices, ("data",)))
-    return _COMPILED[spec]
-
-
-def count_compilations() -> int:
-    """How many train-step executables this process has compiled so far."""
-    return sum(cs.train._cache_size() for cs in _COMPILED.values())
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation over a whole split.
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceSplit:
+    members: List[Member]
+    programs: engine_lib.Programs
+    states: TrainState  # leading trial axis
+    progress: Progress  # leading trial axis
+    step: int
+    dataset: input_pipeline.Dataset
     images: jax.Array
     labels: jax.Array
-    mask: jax.Array
-    num_batches: int
-    size: int
+    eval_data: engine_lib.EvalData
+    abstract: TrainState  # one trial's state, shapes only: the template for restores
+
+    @property
+    def spec(self) -> engine_lib.StaticSpec:
+        return self.programs.spec
+
+    @property
+    def running(self) -> List[Member]:
+        return [m for m in self.members if m.status == "running"]
+
+    def index(self, member: Member) -> int:
+        return self.members.index(member)
 
 
-def put_eval_split(split: input_pipeline.Split, batch_size: int, sharding) -> DeviceSplit:
-    """Pads a split to whole batches (masked) and puts it on the device."""
-    n = len(split)
-    num_batches = max(1, math.ceil(n / batch_size))
-    pad = num_batches * batch_size - n
-    images = np.concatenate([split.images, np.zeros((pad, 32, 32, 3), np.uint8)])
-    labels = np.concatenate([split.labels, np.zeros((pad,), np.int32)])
-    mask = np.concatenate([np.ones((n,), bool), np.zeros((pad,), bool)])
-    put = lambda a: jax.device_put(a, sharding)  # noqa: E731
-    return DeviceSplit(put(images), put(labels), put(mask), num_batches, n)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dataset: Optional[input_pipeline.Dataset] = None,
+                       engine: Optional[engine_lib.Engine] = None,
+                       stop_requested: Optional[Callable[[int], bool]] = None) -> Dict[str, Any]:
+    """Trains `config` in `workdir` (resuming if it holds a run); returns the result dict.
+
+    Args:
+      config: the run's config (configs/default.py documents every field).
+      workdir: where checkpoints, metrics and results go; a run found there is resumed. The
+        run holds the directory's lock while it works (a second process is refused).
+      dataset: an already loaded data set, to share one across several runs.
+      engine: compiled programs to reuse across runs (a new one when None).
+      stop_requested: called with the step after each chunk of steps; True stops the run like
+        SIGTERM does (checkpoint, then `Preempted`). Signals always stop it too.
+
+    Raises:
+      Diverged: the loss became non-finite (result.json says so).
+      Preempted: stopped by a signal or `stop_requested`, after saving a checkpoint.
+    """
+    config_checks.validate_config(config, jax.device_count())
+    workdir = os.path.abspath(workdir)
+    workdir_lib.ensure_writable(workdir)
+    with workdir_lib.RunLock(workdir).acquire():
+        (result,) = train_pack([config], [workdir], dataset, engine, stop_requested)
+    if result["status"] == "diverged":
+        raise Diverged(result["error"])
+    return result
 
 
-def evaluate(steps: CompiledSteps, state: TrainState, split: DeviceSplit) -> Dict[str, float]:
-    total = None
-    for i in range(split.num_batches):
-        m = steps.eval(state, split.images, split.labels, split.mask, i)
-        total = m if total is None else total.merge(m)
-    return {k: float(v) for k, v in total.compute().items()}
+def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+               dataset: Optional[input_pipeline.Dataset] = None,
+               engine: Optional[engine_lib.Engine] = None,
+               stop_requested: Optional[Callable[[int], bool]] = None) -> List[Dict[str, Any]]:
+    """Trains K trials of one model together; returns their results (in order).
+
+    The caller holds each workdir's lock. Every config must be valid (validate_config) and
+    share one static structure (engine.StaticSpec); they may differ in everything the engine
+    takes as data. A trial that diverges is recorded and frozen while the others go on.
+    """
+    members = [Member(c, os.path.abspath(w)) for c, w in zip(configs, workdirs)]
+    pack = _prepare(members, dataset, engine or engine_lib.Engine())
+    if pack is not None:
+        try:
+            _train(pack, stop_requested)
+            _finish(pack)
+        finally:
+            _close(pack)
+    return [m.result for m in members]
 
 
 # ----------------------------------------------------------------------------------------------
-# The host loop.
+# Prepare.
+
+
+def _check_member(member: Member) -> None:
+    """What can be checked before the data is read; sets `result` for a finished run."""
+    workdir_lib.ensure_writable(member.workdir)
+    previous = workdir_lib.read_result(member.workdir)
+    workdir_lib.check_stored_config(member.config, member.workdir)
+    workdir_lib.read_jsonl(member.metrics_path)  # drops a partial last line, refuses damage
+    if previous and previous.get("status") == "completed":
+        logging.info("Run in %s already finished (best val accuracy %.2f%%).", member.workdir,
+                     100 * previous.get("best_val_accuracy", float("nan")))
+        member.status, member.result = "completed", previous
+
+
+def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optional[Pack]:
+    for m in members:
+        _check_member(m)
+    running = [m for m in members if m.status == "running"]
+    if not running:
+        return None
+    config = running[0].config
+    if dataset is None:
+        dataset = input_pipeline.load_dataset(config.data)
+    for m in running:
+        config_checks.check_run_shape(m.config, len(dataset.train))
+    specs = {engine_lib.static_spec(m.config, len(dataset.train), len(running),
+                                     jax.device_count()) for m in running}
+    if len(specs) != 1:
+        raise ValueError(f"A pack needs one static structure; got {len(specs)}: {specs}")
+    programs = engine.programs(specs.pop())
+    # Every check has passed: from here on the workdirs are written.
+    for m in running:
+        workdir_lib.store_config(m.config, m.workdir)
+        m.ckpts = Checkpoints(m.workdir, m.config.checkpoint_max_to_keep)
+    abstract = jax.eval_shape(lambda: programs.init_state(config))
+    states, epoch_metrics, step = _restore_or_init(running, programs, abstract)
+    progress = engine_lib.stack([Progress.empty()] * len(running)).replace(epoch=epoch_metrics)
+    pack = Pack(members=running, programs=programs, states=programs.to_device(states),
+                progress=programs.to_device(progress), step=step, dataset=dataset,
+                images=programs.to_device(dataset.train.images),
+                labels=programs.to_device(dataset.train.labels),
+                eval_data=engine_lib.put_eval_splits(
+                    {"val": dataset.val, "test": dataset.test} if dataset.val else
+                    {"test": dataset.test}, config.eval_batch_size, programs),
+                abstract=abstract)
+    for m in running:
+        m.writer = metric_writing.create_writer(m.workdir)
+        if step == 0:
+            m.writer.write_hparams({k: v for k, v in config_checks.flatten(m.config).items()
+                                    if isinstance(v, (int, float, str, bool))})
+    _log_start(pack)
+    return pack
+
+
+def _checkpoint_tree(state, epoch_metrics) -> Dict[str, Any]:
+    return {"train_state": flax.serialization.to_state_dict(state),
+            "epoch_metrics": flax.serialization.to_state_dict(epoch_metrics)}
+
+
+def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstract):
+    """Each member's state, from its latest checkpoint or fresh; all at one common step.
+
+    Members of a pack saved together, so they normally share their latest step; after a
+    damaged checkpoint one may fall back further, and the others then go back to that step
+    too (their metrics after it are dropped and retrained, to the same values).
+    """
+    template = _checkpoint_tree(abstract, jax.eval_shape(Metrics.empty))
+    restored = [m.ckpts.restore_latest(template) for m in members]
+    steps = {r[0] if r else 0 for r in restored}
+    if len(steps) > 1:
+        target = min(steps)
+        if target == 0:
+            raise ValueError("A pack mixes fresh runs with resumed ones: "
+                             f"{[m.workdir for m in members]}")
+        restored = [r if r[0] == target else m.ckpts.restore_latest(template, max_step=target)
+                    for m, r in zip(members, restored)]
+    step = restored[0][0] if restored[0] else 0
+    states, epoch_metrics = [], []
+    for m, r in zip(members, restored):
+        if r is None:
+            state, metrics = jax.device_get(programs.init_state(m.config)), Metrics.empty()
+        else:
+            _, tree, meta = r
+            state = flax.serialization.from_state_dict(abstract, tree["train_state"])
+            metrics = flax.serialization.from_state_dict(Metrics.empty(), tree["epoch_metrics"])
+            m.best_val = meta.get("best_val_accuracy", -1.0)
+            m.best_epoch = meta.get("best_epoch", 0)
+            m.train_time = meta.get("train_time_s", 0.0)
+            workdir_lib.truncate_jsonl(m.metrics_path, max_step=step)
+            logging.info("Resumed %s from checkpoint %d (epoch %d, step %d of %d).", m.workdir,
+                         step, step // programs.spec.steps_per_epoch + 1, step,
+                         programs.spec.total_steps)
+        states.append(jax.device_get(engine_lib.with_config_hyperparameters(state, m.config)))
+        epoch_metrics.append(metrics)
+    return engine_lib.stack(states), engine_lib.stack(epoch_metrics), step
+
+
+def _log_start(pack: Pack) -> None:
+    spec, ds = pack.spec, pack.dataset
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pack.abstract.params))
+    trials = (f"{len(pack.members)} trials" if len(pack.members) > 1
+              else pack.members[0].name)
+    logging.info("%s (%s): %s parameters on %d %s device(s); %d train / %d val / %d test "
+                 "images; %d steps per epoch, %d per dispatch", spec.model, trials,
+                 f"{num_params:,}", spec.num_devices, jax.devices()[0].platform, len(ds.train),
+                 len(ds.val) if ds.val else 0, len(ds.test), spec.steps_per_epoch,
+                 pack.members[0].config.log_every_steps)
+    if ds.val is None:
+        logging.warning("config.data.val_size=0: validation is skipped; the best checkpoint "
+                        "and model selection fall back to training accuracy.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Train.
 
 
 class _SignalFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after every chunk of steps.
+
+    Further signals while stopping (a second Ctrl-C during the checkpoint save) only log one
+    line: the save always completes, so nothing half-written is left behind.
+    """
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -276,331 +276,260 @@ class _SignalFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # a second Ctrl-C: give up on the graceful path
-            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            logging.warning("%s again: already stopping; the checkpoint is being completed so "
+                            "that the run can resume exactly.", name)
+            return
         self.received = signum
-        logging.warning("Received %s: saving a checkpoint at the current step, then stopping.",
-                        signal.Signals(signum).name)
+        logging.warning("Received %s: stopping after the current chunk of steps, with a "
+                        "checkpoint.", name)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def check_workdir_writable(workdir: str) -> None:
-    """Fails early, with the reason, if the workdir cannot be created or written."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_") as f:
-            f.write(b"0" * 65536)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise OSError(f"The workdir {workdir!r} is not writable ({e.strerror or e}). Choose "
-                      "another --workdir or free space / fix permissions there.") from e
+def _train(pack: Pack, stop_requested: Optional[Callable[[int], bool]]) -> None:
+    spec, programs = pack.spec, pack.programs
+    eta = metric_writing.Eta(spec.total_steps, pack.step)
+    every = pack.members[0].config.log_every_steps
+    with _SignalFlag() as signals:
+        stop = lambda: signals.received is not None or bool(  # noqa: E731
+            stop_requested and stop_requested(pack.step))
+        for epoch in range(pack.step // spec.steps_per_epoch, spec.num_epochs):
+            perms = programs.permutations(pack.states, epoch)
+            end = (epoch + 1) * spec.steps_per_epoch
+            t0, first = time.perf_counter(), pack.step
+            while pack.step < end:
+                n = min(end, (pack.step // every + 1) * every) - pack.step
+                pack.states, pack.progress = programs.train_chunk(
+                    pack.states, pack.progress, pack.images, pack.labels, perms, n)
+                pack.step += n
+                _after_chunk(pack, epoch, eta)
+                if not pack.running:
+                    return
+                if pack.step < end and stop():
+                    _add_train_time(pack, time.perf_counter() - t0)
+                    _preempt(pack, signals, epoch)
+            _end_epoch(pack, epoch, time.perf_counter() - t0, pack.step - first, eta)
+            if not pack.running:
+                return
+            if epoch + 1 < spec.num_epochs and stop():
+                _preempt(pack, signals, epoch + 1)
 
 
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+def _learning_rate(member: Member, spec, step: int) -> float:
+    return float(optim.learning_rate_at(step, member.config.learning_rate, spec.total_steps,
+                                        spec.warmup_steps))
 
 
-def _state_for_checkpoint(state: TrainState, epoch_metrics: Metrics) -> Dict[str, Any]:
-    return {"train_state": flax.serialization.to_state_dict(state),
-            "epoch_metrics": flax.serialization.to_state_dict(epoch_metrics)}
+def _after_chunk(pack: Pack, epoch: int, eta: "metric_writing.Eta") -> None:
+    """The chunk's one host sync: divergence, TensorBoard scalars, one progress line."""
+    chunk, first_bad, bad_loss = jax.device_get(
+        (pack.progress.chunk, pack.progress.first_bad_step, pack.progress.bad_loss))
+    losses, accs = [], []
+    for m in list(pack.running):
+        i = pack.index(m)
+        if first_bad[i] >= 0:
+            _diverge(m, int(first_bad[i]), float(bad_loss[i]))
+            continue
+        computed = engine_lib.unstack(chunk, i).compute()
+        losses.append(float(computed["loss"]))
+        accs.append(float(computed["accuracy"]))
+        m.writer.write_scalars(pack.step, {
+            "train/loss": losses[-1], "train/accuracy": accs[-1],
+            "train/learning_rate": _learning_rate(m, pack.spec, pack.step - 1)})
+        m.ckpts.poll()
+    if losses:
+        eta.update(pack.step)
+        spread = lambda xs, f: f(xs[0]) if len(xs) == 1 else f"{f(min(xs))}..{f(max(xs))}"  # noqa: E731
+        logging.info("step %d/%d (epoch %d/%d)  loss %s  acc %s  %.1f steps/s  eta %s",
+                     pack.step, pack.spec.total_steps, epoch + 1, pack.spec.num_epochs,
+                     spread(losses, "{:.4f}".format), spread(accs, lambda a: f"{100 * a:.2f}%"),
+                     eta.steps_per_sec, metric_writing.format_duration(eta.seconds_left()))
 
 
-def _from_checkpoint(template_state: TrainState, restored: Dict[str, Any]):
-    state = flax.serialization.from_state_dict(template_state, restored["train_state"])
-    epoch_metrics = flax.serialization.from_state_dict(Metrics.empty(), restored["epoch_metrics"])
-    return state, epoch_metrics
+def _diverge(member: Member, step: int, loss: float) -> None:
+    member.ckpts.wait()
+    good = member.ckpts.latest_step()
+    where = (f"The last good checkpoint is {member.ckpts.directory}/{good} and stays intact."
+             if good is not None else "No checkpoint was saved before it.")
+    error = f"Non-finite loss ({loss}) at step {step}. {where}"
+    logging.error("%s: %s", member.name, error)
+    member.status = "diverged"
+    _write_result(member, "diverged", step=step, error=error)
 
 
-def load_or_store_config(config, workdir: str) -> None:
-    """Stores the run's config; on resume refuses result-changing differences."""
-    path = os.path.join(workdir, "config.json")
-    stored = metric_writing.read_json(path)
-    if stored is not None:
-        diffs = config_checks.result_changing_differences(stored, config)
-        if diffs and not config.allow_config_change:
-            raise config_checks.ConfigError(
-                f"{workdir!r} holds a run with a different config:\n  " + "\n  ".join(diffs) +
-                "\nUse a new --workdir, or pass --config.allow_config_change=true to resume "
-                "with the new values.")
-        if diffs:
-            logging.warning("Resuming with a changed config (allow_config_change=true):\n  %s",
-                            "\n  ".join(diffs))
-    metric_writing.write_json_atomic(path, config.to_dict())
+def _add_train_time(pack: Pack, seconds: float) -> None:
+    for m in pack.running:
+        m.train_time += seconds
 
 
-def _log_epoch(epoch: int, num_epochs: int, record: Dict[str, Any], eta: float):
+def _meta(pack: Pack, member: Member, epoch: int, status: str) -> Dict[str, Any]:
+    return {"epoch": epoch, "step": pack.step,
+            "position_in_epoch": pack.step % pack.spec.steps_per_epoch,
+            "best_val_accuracy": member.best_val, "best_epoch": member.best_epoch,
+            "train_time_s": member.train_time, "status": status}
+
+
+def _end_epoch(pack: Pack, epoch: int, seconds: float, steps: int, eta) -> None:
+    """Validation, metrics.jsonl, TensorBoard, one summary line and a checkpoint per trial."""
+    _add_train_time(pack, seconds)
+    val = (engine_lib.evaluate(pack.programs, pack.states, pack.eval_data, "val")
+           if "val" in pack.eval_data.splits else None)
+    states, epoch_metrics = jax.device_get((pack.states, pack.progress.epoch))
+    pack.progress = pack.progress.replace(
+        epoch=pack.programs.to_device(engine_lib.stack([Metrics.empty()] * len(pack.members))))
+    for m in pack.running:
+        i = pack.index(m)
+        train = engine_lib.unstack(epoch_metrics, i).compute()
+        record = {"epoch": epoch + 1, "step": pack.step, "train_loss": float(train["loss"]),
+                  "train_accuracy": float(train["accuracy"]),
+                  "learning_rate": _learning_rate(m, pack.spec, pack.step - 1),
+                  "epoch_time_s": seconds, "images_per_sec": steps * pack.spec.batch_size / seconds}
+        if val is not None:
+            record.update(val_loss=val[i]["loss"], val_accuracy=val[i]["accuracy"])
+            m.writer.write_scalars(pack.step, {"val/loss": val[i]["loss"],
+                                               "val/accuracy": val[i]["accuracy"]})
+        selection = record.get("val_accuracy", record["train_accuracy"])
+        if selection > m.best_val:
+            m.best_val, m.best_epoch = selection, epoch + 1
+        # metrics.jsonl first: a resume from an older checkpoint drops this record again.
+        workdir_lib.append_jsonl(m.metrics_path, record)
+        m.ckpts.save(pack.step, _checkpoint_tree(engine_lib.unstack(states, i), Metrics.empty()),
+                     _meta(pack, m, epoch + 1, "epoch_end"), selection=selection)
+        m.writer.flush()
+        m.last_record = record
+        _log_epoch(m, record, pack, eta)
+
+
+def _log_epoch(member: Member, record: Dict[str, Any], pack: Pack, eta) -> None:
     val = (f"val loss {record['val_loss']:.4f} acc {100 * record['val_accuracy']:.2f}%"
            if "val_accuracy" in record else "val skipped")
-    logging.info("epoch %d/%d  train loss %.4f acc %.2f%%  %s  lr %.2e  %.0f img/s  "
-                 "epoch %.1fs  eta %s", epoch + 1, num_epochs, record["train_loss"],
-                 100 * record["train_accuracy"], val, record["learning_rate"],
-                 record["images_per_sec"], record["epoch_time_s"], _fmt_time(eta))
+    who = f"{member.name}: " if len(pack.members) > 1 else ""
+    logging.info("%sepoch %d/%d  train loss %.4f acc %.2f%%  %s  %.0f img/s  epoch %.1fs  eta %s",
+                 who, record["epoch"], pack.spec.num_epochs, record["train_loss"],
+                 100 * record["train_accuracy"], val, record["images_per_sec"],
+                 record["epoch_time_s"], metric_writing.format_duration(eta.seconds_left()))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: Optional[input_pipeline.Dataset] = None,
-                       stop_requested: Optional[Callable[[int], bool]] = None
-                       ) -> Dict[str, Any]:
-    """Trains `config` in `workdir` (resuming if it holds a run); returns the result dict.
+def _preempt(pack: Pack, signals: _SignalFlag, epoch: int) -> None:
+    """Saves every running trial at the current step, waits for the saves, raises Preempted."""
+    if pack.step % pack.spec.steps_per_epoch:  # mid-epoch: the epoch-end save did not cover it
+        states, epoch_metrics = jax.device_get((pack.states, pack.progress.epoch))
+        for m in pack.running:
+            i = pack.index(m)
+            m.ckpts.save(pack.step, _checkpoint_tree(engine_lib.unstack(states, i),
+                                                     engine_lib.unstack(epoch_metrics, i)),
+                         _meta(pack, m, epoch, "preempted"))
+    for m in pack.running:
+        m.ckpts.wait()  # complete before the process exits
+        m.status = "preempted"
+        _write_result(m, "preempted")
+    why = signal.Signals(signals.received).name if signals.received is not None else "request"
+    where = pack.members[0].workdir if len(pack.members) == 1 else \
+        f"the {len(pack.members)} trial directories"
+    raise Preempted(f"Stopped by {why} at step {pack.step} (epoch {epoch + 1}); checkpoint "
+                    f"saved in {where}. Run the same command again to resume.")
 
-    Args:
-      config: the run's config (configs/default.py documents every field).
-      workdir: where checkpoints, metrics and results go; a run found there is resumed.
-      dataset: an already loaded data set, to share one across several runs (the grid).
-      stop_requested: called with the step after each step; True stops the run like SIGTERM
-        does (checkpoint, then `Preempted`). Signals always stop it too.
-    """
-    num_devices = jax.device_count()
-    config_checks.validate_config(config, num_devices)
-    workdir = os.path.abspath(workdir)
-    check_workdir_writable(workdir)
-    load_or_store_config(config, workdir)
-    result_path = os.path.join(workdir, "result.json")
-    previous = metric_writing.read_json(result_path)
-    if previous and previous.get("status") == "completed":
-        logging.info("Run in %s already finished: %s", workdir, json.dumps(previous))
-        return previous
 
-    if dataset is None:
-        dataset = input_pipeline.load_dataset(config.data)
-    if dataset.val is None:
-        logging.warning("config.data.val_size=0: validation is skipped; the best checkpoint "
-                        "and model selection fall back to training metrics.")
-    shape = RunShape(num_train=len(dataset.train), batch_size=config.batch_size,
-                     steps_per_epoch=len(dataset.train) // config.batch_size,
-                     num_epochs=config.num_epochs)
-    if shape.steps_per_epoch == 0:
-        raise config_checks.ConfigError(
-            f"config.batch_size={config.batch_size} is larger than the {shape.num_train} "
-            "training images: no full batch per epoch. Use a smaller batch size.")
-    steps = compiled_steps(static_spec(config, shape.steps_per_epoch, num_devices))
-    rep = steps.replicated
+# ----------------------------------------------------------------------------------------------
+# Finish.
 
-    model = build_model(config)
-    rng = jax.random.PRNGKey(config.seed)
-    state = jax.device_put(create_train_state(rng, config, model, shape), rep)
-    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    epoch_metrics = jax.device_put(Metrics.empty(), rep)
 
-    ckpts = Checkpoints(workdir, config.checkpoint_max_to_keep)
-    restored = ckpts.restore_latest(_state_for_checkpoint(state, epoch_metrics))
-    meta: Dict[str, Any] = {}
-    if restored is not None:
-        ckpt_step, ckpt, meta = restored
-        state, epoch_metrics = _from_checkpoint(state, ckpt)
-        # The config is the source of truth for the injected hyperparameters (they differ
-        # from the checkpoint's only under allow_config_change).
-        epoch_metrics = jax.device_put(epoch_metrics, rep)
-        state = jax.device_put(state.replace(
-            opt_state=optim.with_hyperparams(state.opt_state, config.learning_rate,
-                                             config.weight_decay),
-            dropout_rate=jnp.asarray(dropout_rate_for(config), jnp.float32)), rep)
-        _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=ckpt_step)
-        logging.info("Resumed from %s/checkpoints/%d (epoch %d, step %d of %d).", workdir,
-                     ckpt_step, ckpt_step // shape.steps_per_epoch + 1, ckpt_step,
-                     shape.total_steps)
+def _write_result(member: Member, status: str, **fields) -> Dict[str, Any]:
+    record = workdir_lib.result_record(
+        member.config, status, "jax", **{
+            "best_val_accuracy": member.best_val, "best_epoch": member.best_epoch,
+            "train_time_s": member.train_time,
+            "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}", **fields})
+    workdir_lib.write_result(member.workdir, record)
+    member.result = record
+    return record
 
-    # Data on the device, replicated; batches are gathered from it inside the step.
-    train_images = jax.device_put(dataset.train.images, rep)
-    train_labels = jax.device_put(dataset.train.labels, rep)
-    val = put_eval_split(dataset.val, config.eval_batch_size, rep) if dataset.val else None
 
-    writer = metric_writing.create_writer(workdir)
-    if int(state.step) == 0:
-        writer.write_hparams({k: v for k, v in config_checks.flatten(config).items()
-                              if isinstance(v, (int, float, str, bool))})
-    progress = metric_writing.ProgressReporter(shape.total_steps, writer,
-                                               config.log_every_steps)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    best_val = meta.get("best_val_accuracy", -1.0)
-    best_epoch = meta.get("best_epoch", -1)
-    train_time = meta.get("train_time_s", 0.0)
-    host = socket.gethostname()
-    logging.info("%s: %s, %d params, %d devices (%s), %d train / %s val / %d test images, "
-                 "%d steps/epoch", host, config.model, num_params, num_devices,
-                 jax.devices()[0].platform, shape.num_train,
-                 len(dataset.val) if dataset.val else 0, len(dataset.test),
-                 shape.steps_per_epoch)
-
-    def write_result(status: str, **extra):
-        result = {"status": status, "framework": "jax", "model": config.model,
-                  "optimizer": config.optimizer, "learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
-                  "augmentation": config.data.augmentation,
-                  "dropout_rate": dropout_rate_for(config), "seed": config.seed,
-                  "num_params": num_params, "step": int(state.step),
-                  "total_steps": shape.total_steps, "best_val_accuracy": best_val,
-                  "best_epoch": best_epoch + 1, "train_time_s": train_time,
-                  "devices": f"{num_devices}x {jax.devices()[0].device_kind}", **extra}
-        metric_writing.write_json_atomic(result_path, result)
-        return result
-
-    def meta_now(epoch: int) -> Dict[str, Any]:
-        return {"epoch": epoch, "step": int(state.step),
-                "position_in_epoch": int(state.step) % shape.steps_per_epoch,
-                "best_val_accuracy": best_val, "best_epoch": best_epoch,
-                "train_time_s": train_time}
-
-    last_record: Dict[str, Any] = {}
-    start_step = int(state.step)
-    try:
-        with _SignalFlag() as stop:
-
-            def should_stop(step: int) -> bool:
-                return stop.received is not None or (
-                    stop_requested is not None and stop_requested(step))
-
-            for epoch in range(start_step // shape.steps_per_epoch, shape.num_epochs):
-                perm = steps.permutation(state.rng, epoch, shape.num_train)
-                t0 = time.perf_counter()
-                first = int(state.step)
-                end = (epoch + 1) * shape.steps_per_epoch
-                pending = []  # (step, loss) not yet checked for finiteness
-                for step in range(first, end):
-                    state, m = steps.train(state, train_images, train_labels, perm)
-                    epoch_metrics = epoch_metrics.merge(m)
-                    pending.append((step, m.loss.total))
-                    progress(step + 1)
-                    if (step + 1) % config.log_every_steps == 0 or step + 1 == end:
-                        _check_finite(pending, ckpts)
-                        pending = []
-                        lr = optim.learning_rate_at(step, config.learning_rate,
-                                                    shape.total_steps, steps_warmup(config, shape))
-                        last = m.compute()
-                        writer.write_scalars(step + 1, {"train/loss": last["loss"],
-                                                        "train/accuracy": last["accuracy"],
-                                                        "train/learning_rate": lr})
-                    if step + 1 < end and should_stop(step + 1):
-                        _check_finite(pending, ckpts)
-                        train_time += time.perf_counter() - t0
-                        ckpts.save(int(state.step), _state_for_checkpoint(state, epoch_metrics),
-                                   {**meta_now(epoch), "status": "preempted"})
-                        raise Preempted(_stop_message(stop, state, epoch, workdir))
-                jax.block_until_ready(state)
-                epoch_time = time.perf_counter() - t0
-                train_time += epoch_time
-                train = epoch_metrics.compute()
-                record = {"epoch": epoch + 1, "step": int(state.step),
-                          "train_loss": float(train["loss"]),
-                          "train_accuracy": float(train["accuracy"]),
-                          "learning_rate": float(optim.learning_rate_at(
-                              int(state.step) - 1, config.learning_rate, shape.total_steps,
-                              steps_warmup(config, shape))),
-                          "epoch_time_s": epoch_time,
-                          "images_per_sec": (end - first) * shape.batch_size / epoch_time}
-                if val is not None:
-                    v = evaluate(steps, state, val)
-                    record.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
-                    writer.write_scalars(int(state.step), {"val/loss": v["loss"],
-                                                           "val/accuracy": v["accuracy"]})
-                selection_metric = record.get("val_accuracy", record["train_accuracy"])
-                is_best = selection_metric > best_val
-                if is_best:
-                    best_val, best_epoch = selection_metric, epoch
-                epoch_metrics = jax.device_put(Metrics.empty(), rep)
-                ckpts.save(int(state.step), _state_for_checkpoint(state, epoch_metrics),
-                           {**meta_now(epoch + 1), "status": "epoch_end"}, best=is_best)
-                metric_writing.append_jsonl(metrics_path, record)
-                writer.flush()
-                last_record = record
-                _log_epoch(epoch, shape.num_epochs, record, progress.eta_seconds(int(state.step)))
-                if epoch + 1 < shape.num_epochs and should_stop(int(state.step)):
-                    raise Preempted(_stop_message(stop, state, epoch + 1, workdir))
-    except Diverged as e:
-        ckpts.wait()
-        write_result("diverged", error=str(e))
-        writer.close()
-        ckpts.close()
-        raise
-    except Preempted:
-        ckpts.wait()  # the checkpoint is complete before the process exits
-        write_result("preempted")
-        writer.close()
-        ckpts.close()
-        raise
-    ckpts.wait()
-
-    t = {"loss": None, "accuracy": None}
-    if config.get("evaluate_test", True):
-        t = evaluate(steps, state, put_eval_split(dataset.test, config.eval_batch_size, rep))
-        writer.write_scalars(int(state.step), {"test/loss": t["loss"],
+def _finish(pack: Pack) -> None:
+    """Test evaluation (one dispatch for the pack), result.json, best weights, pruning."""
+    running = pack.running
+    if not running:
+        return
+    for m in running:
+        m.ckpts.wait()
+    test = (engine_lib.evaluate(pack.programs, pack.states, pack.eval_data, "test")
+            if running[0].config.evaluate_test else None)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pack.abstract.params))
+    template = _checkpoint_tree(pack.abstract, jax.eval_shape(Metrics.empty))
+    for m in running:
+        i = pack.index(m)
+        t = test[i] if test else {"loss": None, "accuracy": None}
+        if t["accuracy"] is not None:
+            m.writer.write_scalars(pack.step, {"test/loss": t["loss"],
                                                "test/accuracy": t["accuracy"]})
-    writer.close()
-    if not last_record and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            lines = f.read().splitlines()
-        last_record = json.loads(lines[-1]) if lines else {}
-    result = write_result(
-        "completed", final_val_accuracy=last_record.get("val_accuracy"),
-        final_val_loss=last_record.get("val_loss"), test_accuracy=t["accuracy"],
-        test_loss=t["loss"],
-        images_per_sec=shape.total_steps * shape.batch_size / train_time if train_time else None)
-    ckpts.close()
-    test_text = f"test accuracy {100 * t['accuracy']:.2f}%, " if t["accuracy"] is not None else ""
-    logging.info("Finished: %sbest val accuracy %.2f%% (epoch %d), train time %s. Results in %s",
-                 test_text, 100 * best_val, best_epoch + 1, _fmt_time(train_time), result_path)
-    return result
+        if not m.last_record:
+            records = workdir_lib.read_jsonl(m.metrics_path)
+            m.last_record = records[-1] if records else {}
+        best = m.ckpts.restore_best(template)
+        if best is not None:
+            m.ckpts.save_weights(_weights(best[1]["train_state"]))
+        m.status = "completed"
+        _write_result(m, "completed", num_params=num_params, step=pack.step,
+                      total_steps=pack.spec.total_steps,
+                      final_val_accuracy=m.last_record.get("val_accuracy"),
+                      final_val_loss=m.last_record.get("val_loss"),
+                      test_accuracy=t["accuracy"], test_loss=t["loss"],
+                      images_per_sec=(pack.spec.total_steps * pack.spec.batch_size / m.train_time
+                                      if m.train_time else None))
+        if best is not None and not m.config.keep_full_checkpoints:
+            m.ckpts.remove_full_checkpoints()  # only once the result says completed
+        test_text = (f"test accuracy {100 * t['accuracy']:.2f}%, "
+                     if t["accuracy"] is not None else "")
+        logging.info("Finished %s: %sbest val accuracy %.2f%% (epoch %d), train time %s.",
+                     m.workdir, test_text, 100 * m.best_val, m.best_epoch,
+                     metric_writing.format_duration(m.train_time))
+
+
+def _weights(state: Dict[str, Any]) -> Dict[str, Any]:
+    """What a completed run keeps of a train state (as a state dict): the evaluated weights."""
+    keep = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    if state.get("ema") is not None:
+        keep["ema"] = state["ema"]
+    return keep
+
+
+def _close(pack: Pack) -> None:
+    for m in pack.members:
+        if m.writer is not None:
+            m.writer.close()
+        if m.ckpts is not None:
+            m.ckpts.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of a finished run.
 
 
 def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split,
-                        which: str = "best") -> Dict[str, float]:
-    """Loss and accuracy of a run's best (or latest) checkpoint on `split`."""
-    steps = compiled_steps(static_spec(config, 1, jax.device_count()))
-    shape = RunShape(len(split), config.batch_size, 1, config.num_epochs)
-    template = create_train_state(jax.random.PRNGKey(config.seed), config, build_model(config),
-                                  shape)
+                        engine: Optional[engine_lib.Engine] = None) -> Dict[str, float]:
+    """Loss and accuracy on `split` of a run's best weights (its best epoch)."""
+    engine = engine or engine_lib.Engine()
+    programs = engine.programs(engine_lib.static_spec(config, max(len(split), 1), 1,
+                                                      jax.device_count()))
+    state = jax.device_get(programs.init_state(config))
     ckpts = Checkpoints(workdir, config.checkpoint_max_to_keep)
-    target = _state_for_checkpoint(template, Metrics.empty())
-    found = ckpts.restore_best(target) if which == "best" else ckpts.restore_latest(target)
-    ckpts.close()
-    if found is None:
-        raise FileNotFoundError(f"No {which} checkpoint in {workdir}.")
-    state, _ = _from_checkpoint(template, found[1])
-    state = jax.device_put(state, steps.replicated)
-    return evaluate(steps, state, put_eval_split(split, config.eval_batch_size, steps.replicated))
-
-
-def _stop_message(stop: "_SignalFlag", state: TrainState, epoch: int, workdir: str) -> str:
-    why = signal.Signals(stop.received).name if stop.received is not None else "request"
-    return (f"Stopped by {why} at step {int(state.step)} (epoch {epoch + 1}); checkpoint saved "
-            f"in {workdir}/checkpoints. Run the same command again to resume.")
-
-
-def _truncate_jsonl(path: str, max_step: int):
-    """Drops per-epoch records written after the checkpoint a run resumes from."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    keep = [r for r in records if r["step"] <= max_step]
-    if len(keep) != len(records):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, path)
-
-
-def steps_warmup(config, shape: RunShape) -> int:
-    return int(round(config.warmup_epochs * shape.steps_per_epoch))
-
-
-def _check_finite(pending, ckpts: Checkpoints):
-    """Raises Diverged naming the first step whose loss was not finite."""
-    if not pending:
-        return
-    losses = jax.device_get([loss for _, loss in pending])
-    for (step, _), loss in zip(pending, losses):
-        if not np.isfinite(loss):
-            ckpts.wait()
-            good = ckpts.latest.latest_step()
-            raise Diverged(
-                f"Non-finite loss ({loss}) at step {step + 1}. The last good checkpoint is "
-                f"{ckpts.workdir}/checkpoints/{good} and stays intact." if good is not None else
-                f"Non-finite loss ({loss}) at step {step + 1}; no checkpoint was saved yet.")
+    try:
+        state_dict = flax.serialization.to_state_dict(state)
+        if ckpts.has_weights():
+            weights = ckpts.load_weights(_weights(state_dict))
+        else:
+            template = _checkpoint_tree(state, Metrics.empty())
+            best = ckpts.restore_best(template)
+            if best is None:
+                raise FileNotFoundError(f"No best checkpoint or best_weights in {workdir}.")
+            weights = _weights(best[1]["train_state"])
+    finally:
+        ckpts.close()
+    state = flax.serialization.from_state_dict(state, {**state_dict, **weights})
+    data = engine_lib.put_eval_splits({"split": split}, config.eval_batch_size, programs)
+    return engine_lib.evaluate(programs, programs.to_device(engine_lib.stack([state])), data,
+                               "split")[0]

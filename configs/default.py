@@ -11,24 +11,32 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # Model: 'resnet18', 'alexnet' or 'mobilenetv2'.
+    # Model: 'resnet18', 'alexnet', 'mobilenetv2' or 'resnet50'.
     config.model = "resnet18"
-    # Dropout rate for models that have dropout (AlexNet, MobileNetV2); None = model default
-    # (AlexNet 0.5, MobileNetV2 0.2). Passed to the step as data: no recompile per value.
+    # Dropout before the classifier (AlexNet: before both hidden layers); None = the model's
+    # default (AlexNet 0.5, MobileNetV2 0.2, ResNets 0). Data in the step: no recompile.
     config.dropout_rate = ml_collections.FieldReference(None, field_type=float)
-    # Computation dtype: 'float32' or 'bfloat16' (parameters and optimizer state stay float32).
+    # Computation dtype: 'float32' or 'bfloat16' (parameters, BatchNorm statistics, loss and
+    # optimizer state stay float32).
     config.dtype = "float32"
+    # Matmul/convolution precision for float32: 'default' (the backend's choice: TF32 on
+    # NVIDIA GPUs since Ampere), 'tf32', or 'highest' (true float32). Recorded in result.json.
+    config.precision = "default"
 
     # Optimizer: 'sgd' (momentum, coupled L2 like torch.optim.SGD), 'adam' (coupled L2 like
     # torch.optim.Adam(weight_decay=...)) or 'adamw' (decoupled weight decay).
     config.optimizer = "adam"
     config.learning_rate = 0.001  # peak learning rate of the cosine schedule
     config.weight_decay = 1e-4
-    config.momentum = 0.9  # SGD momentum
-    config.nesterov = False  # SGD only
+    config.momentum = 0.9  # SGD momentum (sgd only)
+    config.nesterov = False  # Nesterov momentum (sgd only)
     config.decay_bn_and_bias = True  # False: no weight decay on BatchNorm and bias parameters
     config.warmup_epochs = 0.0  # linear warm-up before the per-step cosine decay to 0
-    config.label_smoothing = 0.0
+    config.label_smoothing = 0.0  # in [0, 1): weight of the uniform target in the loss
+    # Exponential moving average of the weights (and BatchNorm statistics), evaluated instead
+    # of the raw weights: 0 = off, else the per-step decay (e.g. 0.999).
+    config.ema_decay = 0.0
+    config.tta_flip = False  # evaluate on each image and its mirror image, logits averaged
 
     config.num_epochs = 10
     config.batch_size = 128  # global batch, split over all local devices
@@ -43,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 'tfds' | 'cifar_dir:PATH' (cifar-10-batches-py) | 'folder:PATH' (train/<class>/*,
     # test/<class>/*; a directory or a .tar/.tar.gz of one) | 'synthetic'.
     config.data.source = "tfds"
+    # Where tensorflow-datasets keeps CIFAR-10 (source 'tfds' only); None = its default.
     config.data.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
     config.data.val_size = 5000  # taken from the training set, stratified; 0 disables validation
     config.data.split_seed = 0  # fixed validation split, independent of config.seed
@@ -54,8 +63,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.evaluate_test = True  # evaluate the test split at the end (the grid: selected only)
 
-    config.log_every_steps = 50  # train metrics to TensorBoard and the non-finite-loss check
-    config.checkpoint_max_to_keep = 2  # latest checkpoints kept (the best one is kept apart)
+    # Steps per dispatch: the host syncs, logs one progress line, checks for a non-finite loss
+    # and honours SIGTERM every this many steps (and at every epoch end).
+    config.log_every_steps = 50
+    # How a chunk of steps runs: 'device' (one on-device loop, one dispatch), 'host' (one
+    # dispatch per step, no sync between them) or 'auto' (device, except on the CPU, where
+    # XLA's convolutions run several times slower inside a loop).
+    config.step_loop = "auto"
+    config.checkpoint_max_to_keep = 2  # latest checkpoints kept (plus the best one)
+    # Keep the full checkpoints (with optimizer state) of a completed run; by default only its
+    # best weights and batch statistics stay (best_weights/), enough to evaluate it.
+    config.keep_full_checkpoints = False
+    # JAX's persistent compilation cache: a rerun, a resume or another shard on this machine
+    # loads compiled programs instead of compiling again. '' disables it.
+    config.compilation_cache_dir = "~/.cache/cifar_jax/xla"
     # Resume in a workdir whose stored config differs in a result-changing field.
     config.allow_config_change = False
     return config

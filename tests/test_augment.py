@@ -12,9 +12,24 @@ def _batch(n=16, seed=0):
 
 @pytest.mark.parametrize("mode", augment.AUGMENTATIONS)
 def test_shapes_and_dtype(mode):
-    out = jax.jit(augment.augment, static_argnums=(2, 3))(jax.random.PRNGKey(0), _batch(), mode,
-                                                          jnp.bfloat16)
+    out = jax.jit(augment.augment, static_argnums=3)(jax.random.PRNGKey(0), _batch(),
+                                                     augment.augmentation_index(mode),
+                                                     jnp.bfloat16)
     assert out.shape == (16, 32, 32, 3) and out.dtype == jnp.bfloat16
+
+
+def test_level_as_data_matches_each_mode():
+    """One compiled function serves every mode: the level is a traced argument."""
+    key, x = jax.random.PRNGKey(4), _batch()
+    traced = jax.jit(augment.augment)
+    outs = [traced(key, x, augment.augmentation_index(m)) for m in augment.AUGMENTATIONS]
+    expected = [augment.normalize(x)]
+    k_crop, k_flip, k_jitter = jax.random.split(key, 3)
+    moved = augment.random_flip(k_flip, augment.random_crop(k_crop, x)).astype(jnp.float32) / 255
+    expected += [augment.normalize(moved), augment.normalize(augment.color_jitter(k_jitter, moved))]
+    for out, want in zip(outs, expected):
+        np.testing.assert_allclose(out, want, atol=1e-5)  # jit vs eager rounding
+    assert not np.allclose(outs[1], outs[2])
 
 
 def test_none_is_normalisation_only():
@@ -72,3 +87,5 @@ def test_normalisation_statistics():
 def test_unknown_mode():
     with pytest.raises(ValueError, match="none, basic, advanced"):
         augment.augment(jax.random.PRNGKey(0), _batch(), "heavy")
+    with pytest.raises(ValueError, match="none, basic, advanced"):
+        augment.augmentation_index("strong")

@@ -13,14 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_jax import train
+from cifar_jax import engine, input_pipeline, train
 from cifar_jax.checkpointing import CheckpointError, Checkpoints
+from conftest import CACHE_FLAG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Tiny AlexNet run for subprocess tests: 30 steps/epoch, 2 epochs.
+# Tiny AlexNet run for subprocess tests: 15 steps/epoch, 2 epochs.
 CLI_OVERRIDES = ["--config.num_epochs=2", "--config.batch_size=32", "--config.eval_batch_size=100",
-                 "--config.data.synthetic_train_size=1060", "--config.data.val_size=100",
-                 "--config.data.synthetic_test_size=100", "--config.log_every_steps=5"]
+                 "--config.data.synthetic_train_size=580", "--config.data.val_size=100",
+                 "--config.data.synthetic_test_size=100", "--config.log_every_steps=5",
+                 CACHE_FLAG]
 
 
 def _cli(workdir, *extra):
@@ -56,16 +58,14 @@ def _result(workdir):
 
 def _final_arrays(config, workdir):
     """The latest checkpoint's params, batch stats and optimizer state as numpy arrays."""
-    ds = train.input_pipeline.load_dataset(config.data)
-    shape = train.RunShape(len(ds.train), config.batch_size,
-                           len(ds.train) // config.batch_size, config.num_epochs)
-    state = train.create_train_state(jax.random.PRNGKey(config.seed), config,
-                                     train.build_model(config), shape)
+    ds = input_pipeline.load_dataset(config.data)
+    programs = engine.Engine().programs(engine.static_spec(config, len(ds.train)))
+    abstract = jax.eval_shape(lambda: programs.init_state(config))
+    template = train._checkpoint_tree(abstract, jax.eval_shape(engine.Metrics.empty))
     ckpts = Checkpoints(workdir)
-    step, restored, meta = ckpts.restore_latest(
-        train._state_for_checkpoint(state, train.Metrics.empty()))
+    step, restored, meta = ckpts.restore_latest(template)
     ckpts.close()
-    return step, jax.tree.leaves(jax.device_get(restored["train_state"]))
+    return step, jax.tree.leaves(restored["train_state"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,28 +91,36 @@ def test_same_seed_gives_identical_metrics_in_two_processes(reference_run, tmp_p
     assert _metrics(other) != _metrics(reference_run)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig):
+@pytest.mark.parametrize("sig,times", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
+def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig, times):
+    """SIGTERM, or Ctrl-C twice (the second while the run stops and saves): one checkpoint
+    at the current step, one line per signal, no traceback, an exact resume."""
     workdir = tmp_path / "dir with spaces"
     proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stderr=subprocess.PIPE, text=True, env=_env())
     lines = []
-    for line in proc.stderr:  # wait until training is under way (first train log at step 5)
+    for line in proc.stderr:  # wait until training is under way (first progress line, step 5)
         lines.append(line)
-        if "train/loss" in line:
-            proc.send_signal(sig)
+        if "step 5/30" in line:
+            for _ in range(times):
+                proc.send_signal(sig)
+                time.sleep(0.2)
             break
     rest = proc.stderr.read()
     assert proc.wait(timeout=300) == 143, "".join(lines[-20:]) + rest[-2000:]
-    assert f"Stopped by {signal.Signals(sig).name} at step" in rest
+    name = signal.Signals(sig).name
+    assert rest.count(f"Stopped by {name} at step") == 1
+    assert rest.count(f"{name} again: already stopping") == times - 1
+    assert "Traceback" not in rest
     assert _result(workdir)["status"] == "preempted"
+    assert not glob.glob(str(workdir / "checkpoints" / "*tmp*"))
     ckpts = Checkpoints(str(workdir))
-    step = ckpts.latest.latest_step()
+    step = ckpts.latest_step()
     ckpts.close()
-    assert 0 < step < 30, f"expected a mid-epoch checkpoint, got step {step}"
+    assert 0 < step < 15, f"expected a mid-epoch checkpoint, got step {step}"
 
     resumed = _run_cli(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed from {workdir}/checkpoints/{step}" in resumed.stderr
+    assert f"Resumed {workdir} from checkpoint {step} " in resumed.stderr
     assert _metrics(workdir) == _metrics(reference_run)
     assert _result(workdir) == _result(reference_run)
 
@@ -135,7 +143,7 @@ def test_kill_during_save_keeps_previous_checkpoint(reference_run, tmp_path):
 
     resumed = _run_cli(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed from {tmp_path}/checkpoints/30" in resumed.stderr
+    assert f"Resumed {tmp_path} from checkpoint 15 " in resumed.stderr
     assert not glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))  # cleaned up
     assert _metrics(tmp_path) == _metrics(reference_run)
     assert _result(tmp_path) == _result(reference_run)
@@ -153,14 +161,18 @@ def test_resume_at_boundaries_is_bit_exact(tiny_config, tmp_path, model):
         tiny_config.data.val_size = 20
         tiny_config.data.synthetic_test_size = 20
         tiny_config.eval_batch_size = 20
+    tiny_config.keep_full_checkpoints = True  # to compare the final optimizer states
     spe = (tiny_config.data.synthetic_train_size - tiny_config.data.val_size) // 32
-    straight = train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+    shared = engine.Engine()  # the runs below reuse its compiled programs
+    straight = train.train_and_evaluate(tiny_config, str(tmp_path / "straight"), engine=shared)
 
     stepped = str(tmp_path / "stepped")
+    tiny_config.log_every_steps = 1  # chunks of one step: stops anywhere; results unchanged
     for stop_at in (1, spe):  # mid-epoch, then an epoch boundary
         with pytest.raises(train.Preempted):
-            train.train_and_evaluate(tiny_config, stepped, stop_requested=lambda s, k=stop_at: s == k)
-    resumed = train.train_and_evaluate(tiny_config, stepped)
+            train.train_and_evaluate(tiny_config, stepped, engine=shared,
+                                     stop_requested=lambda s, k=stop_at: s == k)
+    resumed = train.train_and_evaluate(tiny_config, stepped, engine=shared)
 
     assert {k: v for k, v in resumed.items() if k not in ("train_time_s", "images_per_sec")} == \
            {k: v for k, v in straight.items() if k not in ("train_time_s", "images_per_sec")}
@@ -175,6 +187,7 @@ def test_resume_at_boundaries_is_bit_exact(tiny_config, tmp_path, model):
 def test_corrupt_latest_checkpoint_falls_back(tiny_config, tmp_path, caplog):
     caplog.set_level("INFO")
     workdir = str(tmp_path / "run")
+    tiny_config.keep_full_checkpoints = True
     done = train.train_and_evaluate(tiny_config, workdir)
     os.remove(os.path.join(workdir, "result.json"))
     files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", "16", "state", "**"),
@@ -184,7 +197,7 @@ def test_corrupt_latest_checkpoint_falls_back(tiny_config, tmp_path, caplog):
             fh.truncate(100)
     again = train.train_and_evaluate(tiny_config, workdir)
     assert "checkpoints/16 is unreadable" in caplog.text
-    assert "Resumed from" in caplog.text and "checkpoints/8 " in caplog.text
+    assert "from checkpoint 8 " in caplog.text
     assert again["test_loss"] == done["test_loss"]  # epoch 2 retrained to the same result
 
     # Nothing readable: stop, never start from scratch over existing checkpoints.
@@ -211,21 +224,25 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
     result = json.load(open(os.path.join(workdir, "result.json")))
     assert result["status"] == "diverged" and "Non-finite" in result["error"]
     ckpts = Checkpoints(workdir)
-    assert ckpts.latest.all_steps() == [8]
+    assert list(ckpts.manager.all_steps()) == [8]
     ckpts.close()
     step, leaves = _final_arrays(tiny_config, workdir)
     assert step == 8 and all(np.all(np.isfinite(x)) for x in leaves)
 
 
-def test_checkpoint_retention_and_best_pointer(tiny_config, tmp_path):
+def test_checkpoint_retention_keeps_latest_and_best(tiny_config, tmp_path):
     tiny_config.num_epochs = 3
     tiny_config.checkpoint_max_to_keep = 2
+    tiny_config.keep_full_checkpoints = True
     result = train.train_and_evaluate(tiny_config, str(tmp_path))
+    best_step = 8 * result["best_epoch"]
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-    assert steps == [16, 24]
-    best = json.load(open(tmp_path / "best.json"))
-    assert best["best_val_accuracy"] == result["best_val_accuracy"]
-    assert os.listdir(tmp_path / "best_checkpoint") == [str(best["step"])]
+    assert steps == sorted({16, 24, best_step})  # latest two, plus the best (one orbax manager)
+    ckpts = Checkpoints(str(tmp_path))
+    assert ckpts.best_step() == best_step
+    assert ckpts.manager.metrics(best_step)["selection"] == result["best_val_accuracy"]
+    ckpts.close()
+    assert os.path.isdir(tmp_path / "best_weights")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,8 +254,10 @@ sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs import default
-from cifar_jax import train
+from cifar_jax import engine, main, train
 from cifar_jax.models.layers import BatchNorm
+
+main.enable_compilation_cache({cache!r})
 
 # BatchNorm under the data-parallel mesh: statistics and gradients of the global batch.
 class ConvBN(nn.Module):
@@ -263,21 +282,27 @@ c = default.get_config()
 c.model = "alexnet"; c.num_epochs = 2; c.batch_size = 32; c.eval_batch_size = 20
 c.log_every_steps = 1; c.data.source = "synthetic"; c.data.synthetic_train_size = 180
 c.data.val_size = 20; c.data.synthetic_test_size = 20
-stop = {stop}
-try:
-    train.train_and_evaluate(c, {workdir!r}, stop_requested=(lambda s: s == stop) if stop else None)
-except train.Preempted:
-    pass
+shared = engine.Engine()
+for workdir, stop in {runs!r}:  # several runs in one process share its compiled programs
+    try:
+        train.train_and_evaluate(c, workdir, engine=shared,
+                                 stop_requested=(lambda s, k=stop: s == k) if stop else None)
+    except train.Preempted:
+        pass
 print("RESULT", json.dumps({{"devices": jax.device_count(), "bn": bn}}))
 """
 
 
-def _multi(workdir, devices, stop=0):
+def _multi(devices, runs):
+    """Runs (workdir, stop step or 0) in one process with `devices` CPU devices."""
+    from conftest import CACHE_DIR
+
     env = _env()
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.run([sys.executable, "-c", _MULTI.format(root=ROOT, workdir=str(workdir),
-                                                               stop=stop)],
+    runs = [(str(w), stop) for w, stop in runs]
+    proc = subprocess.run([sys.executable, "-c", _MULTI.format(root=ROOT, runs=runs,
+                                                               cache=CACHE_DIR)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
@@ -286,11 +311,11 @@ def _multi(workdir, devices, stop=0):
 
 
 def test_one_and_four_devices_agree_and_checkpoints_move_between_them(tmp_path):
-    bn_one = _multi(tmp_path / "one", 1)
-    bn_four = _multi(tmp_path / "four_then_one", 4, stop=3)  # mid-epoch on 4 devices ...
-    _multi(tmp_path / "four_then_one", 1)  # ... resumed on 1
-    _multi(tmp_path / "one_then_four", 1, stop=5)  # epoch boundary on 1 device ...
-    _multi(tmp_path / "one_then_four", 4)  # ... resumed on 4
+    # 1 device: the reference run, and one stopped at an epoch boundary (step 5) ...
+    bn_one = _multi(1, [(tmp_path / "one", 0), (tmp_path / "one_then_four", 5)])
+    # ... 4 devices: that one resumed, and another stopped mid-epoch (step 3) ...
+    bn_four = _multi(4, [(tmp_path / "one_then_four", 0), (tmp_path / "four_then_one", 3)])
+    _multi(1, [(tmp_path / "four_then_one", 0)])  # ... resumed on 1.
 
     # BatchNorm statistics and gradients are those of the global batch on 4 devices.
     np.testing.assert_allclose(bn_four["loss"], bn_one["loss"], rtol=1e-5)
