@@ -1,11 +1,13 @@
-"""The study's grid: expand `config.grid` into trials, run them resumably, isolate failures.
+"""The study's grid: claim trials, train them in packs, isolate failures, then report.
 
-Each trial is one `run_training` (JAX, or the PyTorch twin) in `workdir/trials/<model>/<name>`,
-so the reliability guarantees (resume, pre-emption, NaN) hold per trial. Trials that differ only in
-learning rate, weight decay or dropout share compiled steps (those reach the step as data).
+Each trial runs in `workdir/trials/<model>/<name>` with everything a single run writes, so the
+reliability guarantees (resume, pre-emption, non-finite loss) hold per trial. Any number of
+processes may work on one grid workdir: each claims a trial by taking its run lock, so a trial
+is run by exactly one of them (`--shard_index/--num_shards` only choose the order of work).
+Trials of one model that share a static structure train together in packs of up to
+`config.grid.pack_size` (0: the measured best for this device, see PACK_SIZES).
 """
 
-import dataclasses
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -14,190 +16,228 @@ import jax
 import ml_collections
 from absl import logging
 
-from cifar_jax import config_checks, input_pipeline, metric_writing
+from cifar_jax import (config_checks, engine as engine_lib, input_pipeline, metric_writing,
+                       report, train, trials as trials_lib, workdir as workdir_lib)
+from cifar_jax.checkpointing import latest_step_on_disk
+from cifar_jax.trials import Trial
 
-# Trial fields and how they are set in a trial's config.
-_FIELD_PATHS = {"model": "model", "optimizer": "optimizer", "learning_rate": "learning_rate",
-                "weight_decay": "weight_decay", "augmentation": "data.augmentation",
-                "dropout_rate": "dropout_rate", "seed": "seed"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Trial:
-    index: int
-    model: str
-    optimizer: str
-    learning_rate: float
-    weight_decay: float
-    augmentation: str
-    dropout_rate: Optional[float]
-    seed: int
-    with_seed_in_name: bool = False
-
-    @property
-    def name(self) -> str:
-        parts = [self.optimizer, f"lr{format_number(self.learning_rate)}",
-                 f"wd{format_number(self.weight_decay)}", self.augmentation]
-        if self.dropout_rate is not None:
-            parts.append(f"do{format_number(self.dropout_rate)}")
-        if self.with_seed_in_name:
-            parts.append(f"seed{self.seed}")
-        return "_".join(parts)
-
-    @property
-    def relpath(self) -> str:
-        return os.path.join("trials", self.model, self.name)
-
-    def hyperparameters(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in _FIELD_PATHS}
-
-
-def format_number(x: float) -> str:
-    """0.001 -> '0.001', 0.0005 -> '5e-4', 0.3 -> '0.3' (readable, stable directory names)."""
-    if x != 0 and abs(x) < 1e-3:
-        mantissa, exponent = f"{x:.0e}".split("e")
-        return f"{mantissa}e{int(exponent)}"
-    return f"{x:g}"
-
-
-def _split(text, cast, field: str) -> List[Any]:
-    values = [v.strip() for v in str(text).split(",") if v.strip()]
-    if not values:
-        raise config_checks.ConfigError(f"config.grid.{field} is empty; give comma-separated "
-                                        "values, e.g. 0.001,0.01.")
-    try:
-        return [cast(v) for v in values]
-    except ValueError as e:
-        raise config_checks.ConfigError(f"config.grid.{field}={text!r}: {e}.") from e
-
-
-def expand(config: ml_collections.ConfigDict) -> List[Trial]:
-    """All trials of `config.grid`, in a fixed order (model, optimizer, lr, wd, aug, dropout, seed)."""
-    g = config.grid
-    models = _split(g.models, str, "models")
-    seeds = _split(g.seeds, int, "seeds")
-    dropout_models = set(_split(g.dropout_models, str, "dropout_models")) if g.dropout_models else set()
-    trials: List[Trial] = []
-    for model in models:
-        dropouts = _split(g.dropout_rate, float, "dropout_rate") if model in dropout_models else [None]
-        for opt in _split(g.optimizer, str, "optimizer"):
-            for lr in _split(g.learning_rate, float, "learning_rate"):
-                for wd in _split(g.weight_decay, float, "weight_decay"):
-                    for aug in _split(g.augmentation, str, "augmentation"):
-                        for do in dropouts:
-                            for seed in seeds:
-                                trials.append(Trial(len(trials), model, opt, lr, wd, aug, do,
-                                                    seed, with_seed_in_name=len(seeds) > 1))
-    return trials
-
-
-def trial_config(config: ml_collections.ConfigDict, trial: Trial) -> ml_collections.ConfigDict:
-    """The base config with the trial's hyperparameters and without the grid."""
-    d = config.to_dict()
-    d.pop("grid", None)
-    c = ml_collections.ConfigDict(d)
-    for field, path in _FIELD_PATHS.items():
-        value = getattr(trial, field)
-        if field == "dropout_rate" and value is None:
-            continue
-        node = c
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-def shard_of(trials: Sequence[Trial], shard_index: int, num_shards: int) -> List[Trial]:
-    """Round-robin share of the trials: disjoint across shards, together all of them."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise config_checks.ConfigError(
-            f"--shard_index={shard_index} --num_shards={num_shards}: need 0 <= shard_index < "
-            "num_shards.")
-    return [t for t in trials if t.index % num_shards == shard_index]
-
-
-def describe(trials: Sequence[Trial]) -> str:
-    lines = [f"{'#':>3}  {'model':<12} {'name':<40} hyperparameters"]
-    for t in trials:
-        hp = ", ".join(f"{k}={v}" for k, v in t.hyperparameters().items() if k != "model")
-        lines.append(f"{t.index:>3}  {t.model:<12} {t.name:<40} {hp}")
-    lines.append(f"{len(trials)} trials")
-    return "\n".join(lines)
-
-
-def trial_status(workdir: str, trial: Trial) -> str:
-    result = metric_writing.read_json(os.path.join(workdir, trial.relpath, "result.json"))
-    if result is None:
-        started = os.path.exists(os.path.join(workdir, trial.relpath, "config.json"))
-        return "interrupted" if started else "pending"
-    return result.get("status", "unknown")
+# Pack sizes that beat one trial at a time, measured (train images/s per trial over a whole
+# run), by device kind and model. Models and devices not listed train one trial at a time.
+PACK_SIZES = {
+    # 2026-11-29, 2-core x86 CPU (this project's CI machine): see README "Performance".
+    ("cpu", "alexnet"): 1,
+}
 
 
 def run_training(config: ml_collections.ConfigDict, workdir: str,
-                 dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
+                 dataset: Optional[input_pipeline.Dataset] = None,
+                 engine: Optional[engine_lib.Engine] = None) -> Dict[str, Any]:
     """One run with `config.framework`: JAX (cifar_jax.train) or the PyTorch twin."""
-    if config.get("framework", "jax") == "torch":
+    if config.framework == "torch":
         from cifar_jax.torch_twin import train as torch_train  # optional extra
         return torch_train.train_and_evaluate(config, workdir, dataset=dataset)
-    from cifar_jax import train
-    return train.train_and_evaluate(config, workdir, dataset=dataset)
+    return train.train_and_evaluate(config, workdir, dataset=dataset, engine=engine)
+
+
+def pack_size(config, model: str) -> int:
+    if config.framework == "torch":
+        return 1
+    size = config.grid.pack_size
+    if size == 0:
+        return PACK_SIZES.get((jax.devices()[0].device_kind.lower(), model), 1)
+    return size
+
+
+def _validate(config, trials: Sequence[Trial]) -> None:
+    """Every trial's config is valid before anything runs (one error listing them all)."""
+    if not isinstance(config.grid.pack_size, int) or config.grid.pack_size < 0:
+        raise config_checks.ConfigError(f"config.grid.pack_size={config.grid.pack_size!r} is "
+                                        "not valid; expected 0 (automatic) or a positive integer.")
+    errors = {}
+    for t in trials:
+        try:
+            config_checks.validate_config(trials_lib.trial_config(config, t), jax.device_count())
+        except config_checks.ConfigError as e:
+            errors.setdefault(str(e), []).append(t.name)
+    if errors:
+        raise config_checks.ConfigError("\n".join(
+            f"{msg}\n  (trials: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+            for msg, names in errors.items()))
+
+
+class _Runner:
+    """Claims trials of this process's share and runs them in packs."""
+
+    def __init__(self, config, workdir: str, dataset, engine: engine_lib.Engine):
+        self.config, self.workdir, self.dataset, self.engine = config, workdir, dataset, engine
+        self.failed: List[Trial] = []
+        self.done = 0
+        self.durations: List[float] = []
+
+    def directory(self, trial: Trial) -> str:
+        return os.path.join(self.workdir, trial.relpath)
+
+    def _spec(self, trial: Trial):
+        return engine_lib.static_spec(trials_lib.trial_config(self.config, trial),
+                                      len(self.dataset.train))
+
+    def claim_pack(self, queue: List[Trial]) -> List[tuple]:
+        """Claims up to pack_size trials of one model, static structure and resume step."""
+        claimed: List[tuple] = []
+        for trial in list(queue):
+            if claimed:
+                first = claimed[0][0]
+                if (len(claimed) >= pack_size(self.config, first.model)
+                        or self._spec(trial) != self._spec(first)
+                        or latest_step_on_disk(self.directory(trial))
+                        != latest_step_on_disk(self.directory(first))):
+                    continue
+            lock = trials_lib.claim(self.workdir, trial)
+            queue.remove(trial)
+            if lock is None:
+                logging.info("Grid: %s/%s is being run by another process; skipping it.",
+                             trial.model, trial.name)
+                continue
+            status = trials_lib.trial_status(self.workdir, trial)
+            if status in ("completed", "diverged", "mismatched", "unreadable"):
+                lock.release()
+                if status in ("mismatched", "unreadable"):
+                    self._fail([trial], f"{trial.relpath}: result.json is {status}; move the "
+                                        "directory away to rerun the trial.", write=False)
+                continue
+            claimed.append((trial, lock))
+        return claimed
+
+    def run_pack(self, claimed: List[tuple]) -> None:
+        pack = [t for t, _ in claimed]
+        names = ", ".join(t.name for t in pack)
+        logging.info("Grid: %d done, %d failed; running %s: %s", self.done, len(self.failed),
+                     pack[0].model, names)
+        t0 = time.perf_counter()
+        try:
+            self._train(pack)
+        finally:
+            for _, lock in claimed:
+                lock.release()
+        self.durations.append((time.perf_counter() - t0) / len(pack))
+
+    def _train(self, pack: List[Trial]) -> None:
+        configs = [trials_lib.trial_config(self.config, t) for t in pack]
+        try:
+            if configs[0].framework == "torch":
+                from cifar_jax.torch_twin import train as torch_train  # optional extra
+                results = [torch_train.train_locked(c, self.directory(t), self.dataset)
+                           for c, t in zip(configs, pack)]
+            else:
+                results = train.train_pack(configs, [self.directory(t) for t in pack],
+                                           self.dataset, self.engine)
+        except (train.Preempted, KeyboardInterrupt):
+            raise  # the whole grid stops; rerunning resumes these trials
+        except Exception as e:  # isolation: record and go on
+            if _out_of_memory(e) and len(pack) > 1:
+                half = len(pack) // 2
+                logging.warning("Grid: a pack of %d %s trials ran out of device memory; "
+                                "retrying as packs of %d and %d.", len(pack), pack[0].model,
+                                half, len(pack) - half)
+                self._train(pack[:half])
+                self._train(pack[half:])
+                return
+            logging.error("Grid: %s failed: %s: %s", ", ".join(t.name for t in pack),
+                          type(e).__name__, e)
+            self._fail(pack, f"{type(e).__name__}: {e}")
+            return
+        for t, r in zip(pack, results):
+            if r["status"] == "completed":
+                self.done += 1
+            else:
+                self.failed.append(t)
+
+    def _fail(self, pack: Sequence[Trial], error: str, write: bool = True) -> None:
+        self.failed.extend(pack)
+        if write:
+            for t in pack:
+                _record_failure(self.directory(t), t, error)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+def _record_failure(trial_dir: str, trial: Trial, error: str) -> None:
+    """Marks a trial failed in its own result.json (a diverged one stays diverged)."""
+    try:
+        result = workdir_lib.read_result(trial_dir) or {}
+    except workdir_lib.WorkdirError:
+        return  # unreadable: left for the user, as the error says
+    if trials_lib.mismatch(trial, result):
+        return
+    if result.get("status") != "diverged":
+        result["status"] = "failed"
+    result.update(trial.hyperparameters(), error=error)
+    os.makedirs(trial_dir, exist_ok=True)
+    workdir_lib.write_result(trial_dir, result)
 
 
 def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int = 0,
-             num_shards: int = 1, dataset: Optional[input_pipeline.Dataset] = None) -> bool:
-    """Runs this shard's unfinished trials; returns True when none failed."""
-    from cifar_jax import report, train
+             num_shards: int = 1, dataset: Optional[input_pipeline.Dataset] = None,
+             engine: Optional[engine_lib.Engine] = None) -> bool:
+    """Runs this process's share of the unfinished trials, then writes the report.
 
-    all_trials = expand(config)
-    trials = shard_of(all_trials, shard_index, num_shards)
-    for t in trials:  # every trial's config is valid before anything runs
-        config_checks.validate_config(trial_config(config, t), jax.device_count())
+    Returns True when no trial failed or diverged.
+    """
+    all_trials = trials_lib.expand(config)
+    mine = trials_lib.shard_of(all_trials, shard_index, num_shards)
+    _validate(config, mine)
     workdir = os.path.abspath(workdir)
-    train.check_workdir_writable(workdir)
-    metric_writing.write_json_atomic(os.path.join(workdir, "grid_config.json"), config.to_dict())
+    workdir_lib.ensure_writable(workdir)
+    workdir_lib.write_json_atomic(os.path.join(workdir, "grid_config.json"), config.to_dict())
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.data)
+    engine = engine or engine_lib.Engine()
+    runner = _Runner(config, workdir, dataset, engine)
 
-    failed, durations = [], []
-    # Diverged trials are final (a rerun would diverge again); failed ones are retried.
-    todo = [t for t in trials if trial_status(workdir, t) not in ("completed", "diverged")]
-    done = len(trials) - len(todo)
-    logging.info("Grid: %d trials in all, %d in this shard (%d/%d), %d already finished, %d to run.",
-                 len(all_trials), len(trials), shard_index, num_shards, done, len(todo))
-    compiles_before = train.count_compilations()
-    for i, trial in enumerate(todo):
-        trial_dir = os.path.join(workdir, trial.relpath)
-        left = len(todo) - i
-        eta = (sum(durations) / len(durations) * left) if durations else float("nan")
-        logging.info("Grid: %d done, %d failed, %d left; running %s/%s; ETA %s", done,
-                     len(failed), left, trial.model, trial.name, train._fmt_time(eta))
-        t0 = time.perf_counter()
-        try:
-            run_training(trial_config(config, trial), trial_dir, dataset=dataset)
-            done += 1
-        except (train.Preempted, KeyboardInterrupt):
-            raise  # the whole grid stops; rerunning resumes this trial
-        except Exception as e:  # isolation: record and go on
-            logging.exception("Trial %s/%s failed.", trial.model, trial.name)
-            _record_failure(trial_dir, trial, e)
-            failed.append(trial)
-            if config.grid.fail_fast:
-                logging.error("config.grid.fail_fast=true: stopping at the first failure.")
-                break
-        durations.append(time.perf_counter() - t0)
-    logging.info("Grid shard finished: %d done, %d failed. Train-step compilations in this "
-                 "process: %d.", done, len(failed), train.count_compilations() - compiles_before)
-    report.write_report(workdir, config, dataset=dataset)
-    return not failed
+    finished = {"completed", "diverged"}
+    queue = [t for t in mine if trials_lib.trial_status(workdir, t) not in finished]
+    logging.info("Grid: %d trials in all, %d in this share (shard %d of %d), %d already "
+                 "finished, %d to run.", len(all_trials), len(mine), shard_index, num_shards,
+                 len(mine) - len(queue), len(queue))
+    _work_through(runner, queue, config)
+    if config.grid.repeat_selected_seeds:
+        _run_repeats(runner, config, workdir, mine)
+    logging.info("Grid: this process finished: %d trials completed, %d failed. Train-step "
+                 "compilations: %s.", runner.done, len(runner.failed),
+                 ", ".join(f"{m} {n}" for m, n in engine.compiles("train").items()) or "none")
+    report.write_report(workdir, config, dataset=dataset, engine=engine)
+    return not runner.failed
 
 
-def _record_failure(trial_dir: str, trial: Trial, error: BaseException):
-    path = os.path.join(trial_dir, "result.json")
-    os.makedirs(trial_dir, exist_ok=True)
-    result = metric_writing.read_json(path) or {}
-    if result.get("status") != "diverged":
-        result["status"] = "failed"
-    result.update(trial.hyperparameters())
-    result["error"] = f"{type(error).__name__}: {error}"
-    metric_writing.write_json_atomic(path, result)
+def _run_repeats(runner: _Runner, config, workdir: str, mine: Sequence[Trial]) -> None:
+    """Runs the selected configuration of each model again with grid.repeat_selected_seeds,
+    once every trial of that model's grid has finished (in any process)."""
+    best = report.best_configurations(workdir, config)
+    waiting = sorted({t.model for t in mine} - set(best))
+    if waiting:
+        logging.info("Grid: the repeats of the selected configuration of %s wait until its "
+                     "grid has finished; run this command again then.", ", ".join(waiting))
+    repeats = [t for t in report.repeat_trials(config, best)
+               if trials_lib.trial_status(workdir, t) not in ("completed", "diverged")]
+    if repeats:
+        logging.info("Grid: repeating the selected configurations with seeds %s: %d trials.",
+                     config.grid.repeat_selected_seeds, len(repeats))
+        _work_through(runner, repeats, config)
+
+
+def _work_through(runner: _Runner, queue: List[Trial], config) -> None:
+    while queue:
+        claimed = runner.claim_pack(queue)
+        if not claimed:
+            continue
+        left = len(queue)
+        if runner.durations:
+            per_trial = sum(runner.durations) / len(runner.durations)
+            logging.info("Grid: about %s left for this process.",
+                         metric_writing.format_duration(per_trial * (left + len(claimed))))
+        runner.run_pack(claimed)
+        if runner.failed and config.grid.fail_fast:
+            logging.error("config.grid.fail_fast=true: stopping at the first failure.")
+            break

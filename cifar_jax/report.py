@@ -1,122 +1,255 @@
-"""The study's report: results table, best configuration per model, effects, plots.
+"""The study's report: results table, best configuration per model, statistics, plots.
 
   python -m cifar_jax.report --workdir runs/grid
 
-Aggregates whatever trials have finished (any number of shards may have written them), evaluates
-the test split for the selected trial of each model only (selection uses validation accuracy,
-ties broken by lower validation loss), and writes results.csv, summary.md and plots/.
+Aggregates whatever trials have finished (any number of processes may have written them).
+Per model it selects the configuration with the best mean validation accuracy over the grid's
+seeds (ties: lower validation loss), says whether it beats the runner-up by more than the seed
+noise, evaluates the test split on the selected configuration's best weights only (every seed
+of it, including `config.grid.repeat_selected_seeds`), and writes results.csv, summary.md and
+plots/. Several processes finishing at once write one consistent report: the report holds a
+lock while it works, writes every file atomically, and a selected trial's test evaluation is
+kept in its result.json, so it happens once.
 """
 
 import csv
-import json
+import dataclasses
+import io
 import math
 import os
 import statistics
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import ml_collections
-from absl import app, flags, logging
+from absl import logging
 
-from cifar_jax import grid, input_pipeline, metric_writing
+from cifar_jax import input_pipeline, metric_writing, trials as trials_lib, workdir as workdir_lib
+from cifar_jax.trials import Trial
 
+PUBLISHED_EPOCHS = 10
 PUBLISHED_BEST_VAL = {"resnet18": 0.88, "alexnet": 0.74, "mobilenetv2": 0.80}
-HYPERPARAMETERS = ("optimizer", "learning_rate", "weight_decay", "augmentation", "dropout_rate")
-CSV_COLUMNS = ("framework", "model", "name", "optimizer", "learning_rate", "weight_decay", "augmentation",
-               "dropout_rate", "seed", "status", "best_val_accuracy", "best_epoch",
+HYPERPARAMETERS = ("optimizer", "learning_rate", "weight_decay", "augmentation", "dropout_rate",
+                   "label_smoothing", "warmup_epochs", "ema_decay")
+CSV_COLUMNS = ("framework", "model", "name", "optimizer", "learning_rate", "weight_decay",
+               "augmentation", "dropout_rate", "label_smoothing", "warmup_epochs", "ema_decay",
+               "seed", "num_epochs", "status", "best_val_accuracy", "best_epoch",
                "final_val_accuracy", "final_val_loss", "test_accuracy", "selected", "num_params",
                "train_time_s", "images_per_sec", "error")
 
 
-def collect(workdir: str, trials: List[grid.Trial]) -> List[Dict[str, Any]]:
+# ----------------------------------------------------------------------------------------------
+# Rows and selection.
+
+
+def collect(workdir: str, trials: Sequence[Trial]) -> List[Dict[str, Any]]:
+    """One row per trial: its hyperparameters, status and result fields."""
     rows = []
     for t in trials:
-        result = metric_writing.read_json(os.path.join(workdir, t.relpath, "result.json")) or {}
-        row = {**t.hyperparameters(), "name": t.name, "trial": t,
-               "status": grid.trial_status(workdir, t)}
-        for key in CSV_COLUMNS:
-            if key not in row:
-                row[key] = result.get(key)
-        row["selected"] = bool(result.get("selected"))
+        status = trials_lib.trial_status(workdir, t)
+        result = {}
+        if status not in ("unreadable", "mismatched"):
+            result = workdir_lib.read_result(os.path.join(workdir, t.relpath)) or {}
+        row = {key: result.get(key) for key in CSV_COLUMNS}
+        row.update(t.hyperparameters(), name=t.name, trial=t, status=status,
+                   selected=bool(result.get("selected")))
+        if status == "mismatched":
+            row["error"] = trials_lib.mismatch(
+                t, workdir_lib.read_result(os.path.join(workdir, t.relpath)))
+        elif status == "unreadable":
+            row["error"] = f"{t.relpath}/result.json is not valid JSON"
         rows.append(row)
     return rows
 
 
-def select_best(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Per model: highest best val accuracy, ties broken by lower final val loss."""
-    best: Dict[str, Dict[str, Any]] = {}
+@dataclasses.dataclass
+class Configuration:
+    """The trials of one model and hyperparameter setting that differ only in seed."""
+
+    model: str
+    name: str
+    rows: List[Dict[str, Any]]  # completed trials of the grid's own seeds
+
+    def values(self, key: str) -> List[float]:
+        return [r[key] for r in self.rows if r.get(key) is not None]
+
+    @property
+    def mean_val(self) -> float:
+        return statistics.mean(self.values("best_val_accuracy"))
+
+    @property
+    def mean_val_loss(self) -> float:
+        losses = self.values("final_val_loss")
+        return statistics.mean(losses) if losses else math.inf
+
+
+def configurations(rows) -> Dict[str, List[Configuration]]:
+    """Per model, the configurations with at least one completed trial, best first."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in rows:
-        if r["status"] != "completed" or r["best_val_accuracy"] is None:
-            continue
-        key = (r["best_val_accuracy"], -(r["final_val_loss"] if r["final_val_loss"] is not None
-                                         else math.inf))
-        cur = best.get(r["model"])
-        if cur is None or key > (cur["best_val_accuracy"], -(cur["final_val_loss"] or math.inf)):
-            best[r["model"]] = r
-    return best
+        if r["status"] == "completed" and r["best_val_accuracy"] is not None:
+            groups.setdefault((r["model"], r["trial"].config_name), []).append(r)
+    out: Dict[str, List[Configuration]] = {}
+    for (model, name), members in groups.items():
+        out.setdefault(model, []).append(Configuration(model, name, members))
+    for configs in out.values():
+        configs.sort(key=lambda c: (-c.mean_val, c.mean_val_loss))
+    return out
 
 
-def _evaluate_selected(workdir, config, best, dataset):
-    from cifar_jax import train
-
-    for model, r in best.items():
-        path = os.path.join(workdir, r["trial"].relpath, "result.json")
-        result = metric_writing.read_json(path)
-        if result.get("selected") and result.get("test_accuracy") is not None:
-            r["test_accuracy"], r["selected"] = result["test_accuracy"], True
-            continue
-        if dataset is None:
-            dataset = input_pipeline.load_dataset(config.data)
-        tc = grid.trial_config(config, r["trial"])
-        trial_dir = os.path.join(workdir, r["trial"].relpath)
-        if tc.get("framework", "jax") == "torch":
-            from cifar_jax.torch_twin import train as torch_train
-            t = torch_train.evaluate_checkpoint(tc, trial_dir, dataset.test)
-        else:
-            t = train.evaluate_checkpoint(tc, trial_dir, dataset.test)
-        result.update(selected=True, test_accuracy=t["accuracy"], test_loss=t["loss"])
-        metric_writing.write_json_atomic(path, result)
-        r["test_accuracy"], r["selected"] = t["accuracy"], True
-        logging.info("Selected %s/%s: test accuracy %.2f%% (best checkpoint)", model,
-                     r["name"], 100 * t["accuracy"])
+def mean_std(values: Sequence[float]) -> tuple:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _unmark_stale(workdir, rows, best):
-    """A trial selected by an earlier report (fewer trials had finished) loses the mark."""
+def pooled_std(*groups: Sequence[float]) -> Optional[float]:
+    """The pooled standard deviation of several samples (None without any repeats)."""
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    if not dof:
+        return None
+    return math.sqrt(sum((len(g) - 1) * statistics.variance(g) for g in groups if len(g) > 1)
+                     / dof)
+
+
+def margin_text(best: Configuration, runner_up: Optional[Configuration],
+                best_seeds: Sequence[float]) -> str:
+    """Whether the selected configuration beats the runner-up by more than the seed noise."""
+    if runner_up is None:
+        return "no runner-up (one configuration completed)"
+    diff = 100 * (best.mean_val - runner_up.mean_val)
+    noise = pooled_std(list(best_seeds), runner_up.values("best_val_accuracy"))
+    head = f"beats {runner_up.name} by {diff:.2f} pp of mean best val accuracy"
+    if noise is None:
+        return head + "; seed noise unknown (one seed each: rerun with several seeds)"
+    verdict = "more than" if diff > 100 * noise else "within"
+    return head + f"; seed noise (pooled std) {100 * noise:.2f} pp: {verdict} the noise"
+
+
+# ----------------------------------------------------------------------------------------------
+# Test evaluation of the selected configurations.
+
+
+def _evaluate_test(workdir: str, config, row, dataset, engine) -> float:
+    """The test accuracy of a selected trial's best weights, kept in its result.json and
+    written to its TensorBoard events."""
+    directory = os.path.join(workdir, row["trial"].relpath)
+    result = workdir_lib.read_result(directory)
+    tc = trials_lib.trial_config(config, row["trial"])
+    if tc.framework == "torch":
+        from cifar_jax.torch_twin import train as torch_train
+        t = torch_train.evaluate_checkpoint(tc, directory, dataset.test)
+    else:
+        from cifar_jax import train
+        t = train.evaluate_checkpoint(tc, directory, dataset.test, engine)
+    result.update(selected=True, test_accuracy=t["accuracy"], test_loss=t["loss"])
+    workdir_lib.write_result(directory, result)
+    writer = metric_writing.create_writer(directory)
+    writer.write_scalars(result.get("step") or 0, {"test/loss": t["loss"],
+                                                   "test/accuracy": t["accuracy"]})
+    writer.close()
+    logging.info("Selected %s/%s: test accuracy %.2f%% (best weights)", row["model"],
+                 row["name"], 100 * t["accuracy"])
+    return t["accuracy"]
+
+
+def _mark_selected(workdir, config, rows, selected: Dict[str, List[Dict[str, Any]]],
+                   dataset, engine) -> None:
+    """Test-evaluates the selected trials (once: the result is kept in result.json) and
+    unmarks trials selected by an earlier report, when fewer trials had finished."""
+    chosen = {id(r) for rs in selected.values() for r in rs}
     for r in rows:
-        if r["selected"] and best.get(r["model"]) is not r:
-            path = os.path.join(workdir, r["trial"].relpath, "result.json")
-            result = metric_writing.read_json(path)
+        directory = os.path.join(workdir, r["trial"].relpath)
+        if id(r) in chosen:
+            if r["selected"] and r["test_accuracy"] is not None:
+                continue  # evaluated by an earlier report
+            if dataset is None:
+                dataset = input_pipeline.load_dataset(config.data)
+            r["test_accuracy"] = _evaluate_test(workdir, config, r, dataset, engine)
+            r["selected"] = True
+        elif r["selected"]:
+            result = workdir_lib.read_result(directory)
             result["selected"] = False
-            metric_writing.write_json_atomic(path, result)
-            r["selected"] = False
-            r["test_accuracy"] = None
+            workdir_lib.write_result(directory, result)
+            r["selected"], r["test_accuracy"] = False, None
+
+
+def best_configurations(workdir: str, config) -> Dict[str, Configuration]:
+    """Per model whose grid trials have all finished, its selected configuration."""
+    rows = collect(workdir, trials_lib.expand(config))
+    open_models = {r["model"] for r in rows
+                   if r["status"] in ("pending", "interrupted", "preempted", "running")}
+    return {m: cs[0] for m, cs in configurations(rows).items() if m not in open_models}
+
+
+def repeat_trials(config, best: Dict[str, Configuration]) -> List[Trial]:
+    """The selected configuration of each model with the seeds of grid.repeat_selected_seeds."""
+    text = config.grid.get("repeat_selected_seeds") or ""
+    seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    out, index = [], len(trials_lib.expand(config))
+    for c in best.values():
+        base = c.rows[0]["trial"]
+        for seed in seeds:
+            values = tuple((k, seed if k == "seed" else v) for k, v in base.values)
+            if values != base.values and all(t.values != values for t in out):
+                out.append(Trial(index + len(out), base.model, values))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# summary.md
 
 
 def _pct(x: Optional[float]) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
-def summary_markdown(rows, best) -> str:
+def _pct_std(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    if mean is None:
+        return ""
+    return f"{100 * mean:.2f}%" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
+                     num_epochs: int) -> str:
+    note = ("" if num_epochs == PUBLISHED_EPOCHS else
+            f" This grid ran {num_epochs} epoch{'s' if num_epochs != 1 else ''} per trial, not "
+            f"{PUBLISHED_EPOCHS}: its accuracies are not comparable with the published ones.")
     lines = ["# Summary of best hyperparameters", "",
-             "| model | optimizer | lr | weight decay | augmentation | dropout | best val acc "
-             "| test acc | published best val acc |",
-             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
-    for model, r in best.items():
-        lines.append(f"| {model} | {r['optimizer']} | {r['learning_rate']:g} | "
-                     f"{r['weight_decay']:g} | {r['augmentation']} | "
-                     f"{'' if r['dropout_rate'] is None else r['dropout_rate']} | "
-                     f"{_pct(r['best_val_accuracy'])} | {_pct(r['test_accuracy'])} | "
-                     f"{_pct(PUBLISHED_BEST_VAL.get(model))} |")
+             f"Every trial trained for **{num_epochs} epochs**. The published figures are the "
+             f"study's best validation accuracy after {PUBLISHED_EPOCHS} epochs.{note} "
+             "Accuracies are mean ± standard deviation over seeds where there are several.", "",
+             "| model | optimizer | lr | weight decay | augmentation | dropout | seeds | best val "
+             f"acc | test acc | published best val acc ({PUBLISHED_EPOCHS} epochs) |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for model, c in best.items():
+        r, sel = c.rows[0], selected[model]
+        lines.append(
+            f"| {model} | {r['optimizer']} | {r['learning_rate']:g} | {r['weight_decay']:g} | "
+            f"{r['augmentation']} | {'' if r['dropout_rate'] is None else r['dropout_rate']} | "
+            f"{len(sel)} | {_pct_std([s['best_val_accuracy'] for s in sel])} | "
+            f"{_pct_std([s['test_accuracy'] for s in sel])} | "
+            f"{_pct(PUBLISHED_BEST_VAL.get(model))} |")
+    lines += ["", "Selection margin (on the grid's seeds):", ""]
+    for model, c in best.items():
+        seeds = [s["best_val_accuracy"] for s in selected[model]]
+        lines.append(f"- {model}: {c.name} {margin_text(c, runner_up.get(model), seeds)}.")
     counts = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
-    lines += ["", "Trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), "",
-              "# Effect of each hyperparameter", "",
-              "Mean best validation accuracy over the completed trials with each value "
-              "(n = number of trials).", ""]
+    lines += ["", "Trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), ""]
+    lines += _effects_markdown(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _effects_markdown(rows) -> List[str]:
+    lines = ["# Effect of each hyperparameter", "",
+             "Best validation accuracy over the completed trials with each value: mean ± "
+             "standard deviation (n = number of trials).", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         done = [r for r in rows if r["model"] == model and r["status"] == "completed"]
         if not done:
             continue
-        lines += [f"## {model}", "", "| hyperparameter | value | mean best val acc | n |",
+        lines += [f"## {model}", "", "| hyperparameter | value | best val acc | n |",
                   "| --- | --- | ---: | ---: |"]
         for hp in HYPERPARAMETERS:
             values = sorted({r[hp] for r in done if r[hp] is not None}, key=str)
@@ -124,137 +257,74 @@ def summary_markdown(rows, best) -> str:
                 continue
             for v in values:
                 accs = [r["best_val_accuracy"] for r in done if r[hp] == v]
-                lines.append(f"| {hp} | {v} | {_pct(statistics.mean(accs))} | {len(accs)} |")
-        seeds = {}
-        for r in done:
-            seeds.setdefault(r["name"].rsplit("_seed", 1)[0], []).append(r["best_val_accuracy"])
-        repeated = {k: v for k, v in seeds.items() if len(v) > 1}
-        if repeated:
-            lines += ["", "| configuration | seeds | mean best val acc | std |", "| --- | ---: | ---: | ---: |"]
-            for k, v in repeated.items():
-                lines.append(f"| {k} | {len(v)} | {_pct(statistics.mean(v))} | "
-                             f"{100 * statistics.stdev(v):.2f} pp |")
+                lines.append(f"| {hp} | {v} | {_pct_std(accs)} | {len(accs)} |")
         lines.append("")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _curve(workdir, trial):
-    path = os.path.join(workdir, trial.relpath, "metrics.jsonl")
-    if not os.path.exists(path):
-        return [], []
-    with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    recs = [r for r in recs if "val_accuracy" in r]
-    return [r["epoch"] for r in recs], [r["val_accuracy"] for r in recs]
-
-
-def _save_epoch_plot(fig, ax, title: str, path: str):
-    """Titles, labels and saves a validation-accuracy-per-epoch figure, then closes it."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set(title=title, xlabel="epoch", ylabel="val accuracy")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_plots(workdir: str, rows, best, default_trial: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = os.path.join(workdir, "plots")
-    os.makedirs(out, exist_ok=True)
-    for model in dict.fromkeys(r["model"] for r in rows):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        others = False
-        for r in rows:
-            if r["model"] != model:
-                continue
-            x, y = _curve(workdir, r["trial"])
-            if not x:
-                continue
-            is_best = best.get(model) is r
-            label = f"best: {r['name']}" if is_best else (None if others else "other trials")
-            others = others or not is_best
-            ax.plot(x, y, color="C3" if is_best else "0.55", lw=2.5 if is_best else 1,
-                    alpha=1 if is_best else 0.7, zorder=3 if is_best else 1, label=label,
-                    marker="o" if is_best else ".")
-        _save_epoch_plot(fig, ax, f"{model}: validation accuracy per epoch, every trial",
-                         os.path.join(out, f"{model}_val_curves.png"))
-
-        default = next((r for r in rows if r["model"] == model
-                        and r["name"].startswith(default_trial)), None)
-        if best.get(model) is not None:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for r, label, color in ((default, "default", "C0"), (best[model], "best", "C3")):
-                if r is None:
-                    continue
-                x, y = _curve(workdir, r["trial"])
-                ax.plot(x, y, marker="o", color=color, label=f"{label}: {r['name']}")
-            same = default is best[model]
-            _save_epoch_plot(fig, ax, f"{model}: before and after tuning"
-                             + (" (the default is the best)" if same else ""),
-                             os.path.join(out, f"{model}_default_vs_best.png"))
-
-    sel = [r for r in best.values() if r["test_accuracy"] is not None]
-    if sel:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key, label in ((axes[0], "num_params", "parameters (millions)"),
-                               (axes[1], "images_per_sec", "training images/s")):
-            for r in sel:
-                x = r[key] / 1e6 if key == "num_params" else r[key]
-                if x is None:
-                    continue
-                ax.scatter(x, 100 * r["test_accuracy"], s=60)
-                ax.annotate(r["model"], (x, 100 * r["test_accuracy"]),
-                            textcoords="offset points", xytext=(5, 5))
-            ax.set(xlabel=label, ylabel="test accuracy (%)")
-            ax.grid(alpha=0.3)
-        fig.suptitle("Selected configuration per model: test accuracy vs size and speed")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "model_comparison.png"), dpi=110)
-        plt.close(fig)
+# ----------------------------------------------------------------------------------------------
+# The report.
 
 
 def write_report(workdir: str, config: ml_collections.ConfigDict,
-                 dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
-    trials = grid.expand(config)
-    rows = collect(workdir, trials)
-    best = select_best(rows)
-    _unmark_stale(workdir, rows, best)
-    _evaluate_selected(workdir, config, best, dataset)
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
-    summary = summary_markdown(rows, best)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(summary)
-    write_plots(workdir, rows, best, config.grid.default_trial)
+                 dataset: Optional[input_pipeline.Dataset] = None, engine=None) -> Dict[str, Any]:
+    """Writes results.csv, summary.md and plots/ for whatever has finished in `workdir`."""
+    from cifar_jax import plots
+
+    lock = workdir_lib.RunLock(workdir, "report.lock")
+    lock.try_acquire(blocking=True)  # one report at a time; the next one sees its results
+    try:
+        grid_trials = trials_lib.expand(config)
+        rows = collect(workdir, grid_trials)
+        best_list = configurations(rows)
+        best = {m: cs[0] for m, cs in best_list.items()}
+        runner_up = {m: cs[1] for m, cs in best_list.items() if len(cs) > 1}
+        rows += collect(workdir, repeat_trials(config, best))
+        selected = {m: [r for r in rows if r["status"] == "completed" and r["model"] == m
+                        and r["trial"].config_name == c.name] for m, c in best.items()}
+        _mark_selected(workdir, config, rows, selected, dataset, engine)
+        _write_csv(os.path.join(workdir, "results.csv"), rows)
+        workdir_lib.write_text_atomic(
+            os.path.join(workdir, "summary.md"),
+            summary_markdown(rows, best, selected, runner_up, config.num_epochs))
+        plots.write_plots(workdir, rows, best, selected, config.grid.default_trial)
+    finally:
+        lock.release()
     logging.info("Report: %s/results.csv, summary.md, plots/", workdir)
-    return {"rows": rows, "best": best}
+    return {"rows": rows, "best": best, "selected": selected}
+
+
+def _write_csv(path: str, rows) -> None:
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    workdir_lib.write_text_atomic(path, out.getvalue())
 
 
 def main(argv):
+    from absl import flags
+
+    from cifar_jax import cli
+
     del argv
-    FLAGS = flags.FLAGS
-    config_path = os.path.join(FLAGS.workdir, "grid_config.json")
-    stored = metric_writing.read_json(config_path)
+    workdir = flags.FLAGS.workdir
+    stored = workdir_lib.read_json(os.path.join(workdir, "grid_config.json"))
     if stored is None:
-        raise app.UsageError(f"{config_path} not found: is {FLAGS.workdir!r} a grid workdir?")
-    write_report(FLAGS.workdir, ml_collections.ConfigDict(stored))
-    with open(os.path.join(FLAGS.workdir, "summary.md")) as f:
+        raise cli.UsageError(f"{workdir}/grid_config.json not found: is {workdir!r} a grid "
+                             "workdir? Give the --workdir of a grid run.")
+    write_report(workdir, ml_collections.ConfigDict(stored))
+    with open(os.path.join(workdir, "summary.md")) as f:
         print(f.read())
 
 
 if __name__ == "__main__":
+    from absl import flags
+
+    from cifar_jax import cli
+
     # Flags only when run as a program: the grid imports this module beside main's flags.
     flags.DEFINE_string("workdir", None, "A grid's workdir (holds grid_config.json).")
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    cli.run(main)

@@ -1,6 +1,8 @@
 import csv
 import glob
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,13 +10,14 @@ import time
 
 import pytest
 
-from cifar_jax import grid, train
+from cifar_jax import engine, grid, report, train, trials, workdir as workdir_lib
+from conftest import CACHE_FLAG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.num_epochs=2", "--config.batch_size=32", "--config.eval_batch_size=100",
-        "--config.data.source=synthetic", "--config.data.synthetic_train_size=1060",
+        "--config.data.source=synthetic", "--config.data.synthetic_train_size=420",
         "--config.data.val_size=100", "--config.data.synthetic_test_size=100",
-        "--config.log_every_steps=5"]
+        "--config.log_every_steps=5", CACHE_FLAG]
 
 
 def _grid_config(**grid_fields):
@@ -27,6 +30,7 @@ def _grid_config(**grid_fields):
     c.data.synthetic_train_size, c.data.val_size, c.data.synthetic_test_size = 164, 100, 50
     c.grid.optimizer, c.grid.weight_decay, c.grid.augmentation = "adam", "1e-4", "basic"
     c.grid.dropout_rate = "0.5"
+    c.grid.pack_size = 1
     for k, v in grid_fields.items():
         c.grid[k] = v
     return c
@@ -35,6 +39,14 @@ def _grid_config(**grid_fields):
 def _rows(workdir):
     with open(os.path.join(workdir, "results.csv")) as f:
         return list(csv.DictReader(f))
+
+
+def _cli_grid(workdir, *extra):
+    return [sys.executable, "-m", "cifar_jax.main", "--config", "configs/grid.py",
+            "--workdir", str(workdir), "--config.grid.models=alexnet",
+            "--config.grid.optimizer=adam", "--config.grid.weight_decay=1e-4",
+            "--config.grid.augmentation=basic", "--config.grid.dropout_rate=0.5",
+            "--config.grid.pack_size=1", *TINY, *extra]
 
 
 def test_dry_run_lists_the_default_grid():
@@ -50,55 +62,99 @@ def test_dry_run_lists_the_default_grid():
 
 def test_trial_names_and_overrides():
     c = _grid_config(models="alexnet", learning_rate="0.001,0.01", seeds="0,1")
-    trials = grid.expand(c)
-    assert [t.name for t in trials][:2] == ["adam_lr0.001_wd1e-4_basic_do0.5_seed0",
-                                            "adam_lr0.001_wd1e-4_basic_do0.5_seed1"]
-    tc = grid.trial_config(c, trials[3])
+    expanded = trials.expand(c)
+    assert [t.name for t in expanded][:2] == ["adam_lr0.001_wd1e-4_basic_do0.5",
+                                              "adam_lr0.001_wd1e-4_basic_do0.5_seed1"]
+    assert expanded[0].config_name == expanded[1].config_name  # seeds of one configuration
+    tc = trials.trial_config(c, expanded[3])
     assert (tc.model, tc.learning_rate, tc.seed, tc.dropout_rate) == ("alexnet", 0.01, 1, 0.5)
     assert "grid" not in tc
+    # Per-model sweep values and optional axes (label smoothing) enter the names.
+    c.grid.per_model.alexnet = {"learning_rate": "0.05"}
+    c.grid.models = "alexnet,resnet18"
+    names = {(t.model, t.name) for t in trials.expand(c)}
+    assert ("alexnet", "adam_lr0.05_wd1e-4_basic_do0.5") in names
+    assert ("resnet18", "adam_lr0.01_wd1e-4_basic_seed1") in names
+
+
+def test_trial_names_are_lossless_and_duplicates_merge(caplog):
+    values = [1e-4, 1.2e-4, 0.00012000001, 5e-4, 0.001, 0.0015, 0.01, 0.3, 1e4, 2.5e-7, 0.1 + 0.2]
+    names = [trials.format_number(v) for v in values]
+    assert len(set(names)) == len(values)
+    assert [float(n) for n in names] == values  # the name determines the value
+    assert names[:2] == ["1e-4", "1.2e-4"]
+    c = _grid_config(models="alexnet", weight_decay="1e-4,1.2e-4", learning_rate="0.001,1e-3")
+    expanded = trials.expand(c)
+    assert [t.name for t in expanded] == ["adam_lr0.001_wd1e-4_basic_do0.5",
+                                          "adam_lr0.001_wd1.2e-4_basic_do0.5"]
+    assert "lists the same value more than once" in caplog.text
+    for t in expanded:
+        parsed = trials.parse_name(t.name)
+        assert all(parsed[k] == v for k, v in t.values)
 
 
 def test_shards_partition_the_trials():
     from configs import grid as grid_config
 
-    trials = grid.expand(grid_config.get_config())
+    expanded = trials.expand(grid_config.get_config())
     for n in (1, 3, 7):
-        shards = [grid.shard_of(trials, i, n) for i in range(n)]
+        shards = [trials.shard_of(expanded, i, n) for i in range(n)]
         names = [t.relpath for s in shards for t in s]
-        assert sorted(names) == sorted(t.relpath for t in trials)  # union = all, no overlap
+        assert sorted(names) == sorted(t.relpath for t in expanded)  # union = all, no overlap
         assert len(set(names)) == len(names)
     with pytest.raises(ValueError, match="shard_index"):
-        grid.shard_of(trials, 3, 3)
+        trials.shard_of(expanded, 3, 3)
 
 
-def test_two_model_grid_in_two_shards_reports_once_without_recompiling(tmp_path):
-    c = _grid_config(models="alexnet,mobilenetv2", learning_rate="0.001,0.01")
+def test_two_model_grid_compiles_once_per_model_and_reports(tmp_path):
+    """Both optimizers and both augmentations are data: one train-step compile per model."""
+    c = _grid_config(models="alexnet,mobilenetv2", optimizer="sgd,adam",
+                     augmentation="basic,advanced", learning_rate="0.001")
     c.data.synthetic_train_size, c.data.val_size = 84, 20  # MobileNetV2 is slow on the CPU
     c.eval_batch_size = 20
-    before = train.count_compilations()
-    assert grid.run_grid(c, str(tmp_path), shard_index=0, num_shards=2)
-    assert grid.run_grid(c, str(tmp_path), shard_index=1, num_shards=2)
-    # One train-step compilation per model: learning rate and weight decay are data.
-    assert train.count_compilations() - before == 2
+    shared = engine.Engine()
+    assert grid.run_grid(c, str(tmp_path), shard_index=0, num_shards=2, engine=shared)
+    assert grid.run_grid(c, str(tmp_path), shard_index=1, num_shards=2, engine=shared)
+    assert shared.compiles("train") == {"alexnet": 1, "mobilenetv2": 1}
     rows = _rows(tmp_path)
-    assert [(r["model"], r["learning_rate"]) for r in rows] == [
-        ("alexnet", "0.001"), ("alexnet", "0.01"), ("mobilenetv2", "0.001"), ("mobilenetv2", "0.01")]
-    assert all(r["status"] == "completed" for r in rows)
+    assert len(rows) == 8 and all(r["status"] == "completed" for r in rows)
+    assert {(r["optimizer"], r["augmentation"]) for r in rows if r["model"] == "alexnet"} == {
+        ("sgd", "basic"), ("sgd", "advanced"), ("adam", "basic"), ("adam", "advanced")}
     selected = [r for r in rows if r["selected"] == "True"]
     assert sorted(r["model"] for r in selected) == ["alexnet", "mobilenetv2"]
     assert all(r["test_accuracy"] for r in selected)  # test evaluated for the selected only
     assert not any(r["test_accuracy"] for r in rows if r["selected"] != "True")
     summary = (tmp_path / "summary.md").read_text()
-    assert "| alexnet | adam |" in summary and "74.00%" in summary
+    assert "| alexnet | " in summary and "74.00%" in summary
+    assert "trained for **1 epochs**" in summary and "not comparable" in summary
     plots = sorted(os.listdir(tmp_path / "plots"))
     assert plots == ["alexnet_default_vs_best.png", "alexnet_val_curves.png",
                      "mobilenetv2_default_vs_best.png", "mobilenetv2_val_curves.png",
                      "model_comparison.png"]
-    # A finished grid, rerun, only rewrites the report.
-    mtime = os.path.getmtime(tmp_path / "trials" / "alexnet" / rows[0]["name"] / "metrics.jsonl")
+    # A finished grid, rerun, only rewrites the report (and evaluates nothing again).
+    name = rows[0]["name"]
+    mtime = os.path.getmtime(tmp_path / "trials" / "alexnet" / name / "metrics.jsonl")
+    assert grid.run_grid(c, str(tmp_path), engine=shared)
+    assert os.path.getmtime(tmp_path / "trials" / "alexnet" / name / "metrics.jsonl") == mtime
+
+
+def test_pack_runs_trials_together_and_splits_on_out_of_memory(tmp_path, monkeypatch, caplog):
+    c = _grid_config(models="alexnet", learning_rate="0.001,0.002,0.003")
+    c.grid.pack_size = 3
+    sizes = []
+    real = train.train_pack
+
+    def pack_with_small_memory(configs, workdirs, *args, **kwargs):
+        sizes.append(len(configs))
+        if len(configs) > 1 and len(sizes) == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return real(configs, workdirs, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_pack", pack_with_small_memory)
     assert grid.run_grid(c, str(tmp_path))
-    assert os.path.getmtime(
-        tmp_path / "trials" / "alexnet" / rows[0]["name"] / "metrics.jsonl") == mtime
+    assert sizes == [3, 1, 2]  # the pack of 3 ran out of memory: packs of 1 and 2
+    assert "ran out of device memory; retrying as packs of 1 and 2" in caplog.text
+    assert [r["status"] for r in _rows(tmp_path)] == ["completed"] * 3
 
 
 def test_diverging_trial_is_recorded_and_the_rest_finish(tmp_path):
@@ -116,12 +172,40 @@ def test_diverging_trial_is_recorded_and_the_rest_finish(tmp_path):
         "lr20000": "diverged", "lr0.02": "pending"}
 
 
+def test_mismatched_result_is_reported_not_trusted(tmp_path):
+    c = _grid_config(models="alexnet", learning_rate="0.001")
+    (t,) = trials.expand(c)
+    directory = tmp_path / t.relpath
+    directory.mkdir(parents=True)
+    workdir_lib.write_result(str(directory), {"status": "completed", "model": "alexnet",
+                                              "learning_rate": 0.0012, "best_val_accuracy": 0.9})
+    assert trials.trial_status(str(tmp_path), t) == "mismatched"
+    assert grid.run_grid(c, str(tmp_path)) is False  # not rerun over it, not selected
+    (row,) = _rows(tmp_path)
+    assert row["status"] == "mismatched" and "learning_rate=0.0012" in row["error"]
+    assert row["selected"] == "False"
+
+
+def test_report_evaluates_each_selected_trial_once(tmp_path, monkeypatch):
+    c = _grid_config(models="alexnet", learning_rate="0.001,0.01")
+    c.grid.repeat_selected_seeds = "1"
+    assert grid.run_grid(c, str(tmp_path))
+    rows = _rows(tmp_path)
+    # The selected configuration was repeated with seed 1: both seeds are test-evaluated.
+    selected = [r for r in rows if r["selected"] == "True"]
+    assert len(selected) == 2 and {r["seed"] for r in selected} == {"0", "1"}
+    assert "± " in (tmp_path / "summary.md").read_text()
+    calls = []
+    monkeypatch.setattr(train, "evaluate_checkpoint", lambda *a, **k: calls.append(a))
+    report.write_report(str(tmp_path), c)  # a second process finishing: nothing re-evaluated
+    assert calls == []
+    selected_events = glob.glob(str(tmp_path / "trials" / "alexnet" / selected[0]["name"] /
+                                    "events.out.tfevents*"))
+    assert len(selected_events) >= 2  # training's, and the report's test metrics
+
+
 def test_killed_grid_resumes_interrupted_trial_and_skips_finished(tmp_path):
-    args = [sys.executable, "-m", "cifar_jax.main", "--config", "configs/grid.py",
-            "--workdir", str(tmp_path), "--config.grid.models=alexnet",
-            "--config.grid.optimizer=adam", "--config.grid.learning_rate=0.001,0.01",
-            "--config.grid.weight_decay=1e-4", "--config.grid.augmentation=basic",
-            "--config.grid.dropout_rate=0.5", *TINY]
+    args = _cli_grid(tmp_path, "--config.grid.learning_rate=0.001,0.01")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.DEVNULL, env=env)
     second = tmp_path / "trials" / "alexnet" / "adam_lr0.01_wd1e-4_basic_do0.5" / "checkpoints"
@@ -135,8 +219,29 @@ def test_killed_grid_resumes_interrupted_trial_and_skips_finished(tmp_path):
     rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "1 already finished, 1 to run" in rerun.stderr
-    assert f"Resumed from {second}/30" in rerun.stderr
+    assert f"Resumed {second.parent} from checkpoint 10 " in rerun.stderr
+    assert "Taking over" in rerun.stderr  # the killed process's lock, from the same host
     assert all(r["status"] == "completed" for r in _rows(tmp_path))
+
+
+def test_two_processes_share_one_grid_workdir(tmp_path):
+    """Started together without shards, they claim trials: each runs a disjoint share, and
+    together with the report every trial appears exactly once."""
+    args = _cli_grid(tmp_path, "--config.grid.learning_rate=0.001,0.002,0.003,0.004",
+                     "--config.num_epochs=1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    ran = [set(re.findall(r"running alexnet: (\S+)", log)) for log in logs]
+    assert ran[0].isdisjoint(ran[1])
+    assert len(ran[0] | ran[1]) == 4
+    rows = _rows(tmp_path)
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    for r in rows:  # one training per trial: one line per epoch
+        with open(tmp_path / "trials" / "alexnet" / r["name"] / "metrics.jsonl") as f:
+            assert len(f.readlines()) == 1
 
 
 def test_report_cli_aggregates_a_workdir(tmp_path):
@@ -148,6 +253,7 @@ def test_report_cli_aggregates_a_workdir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Summary of best hyperparameters" in proc.stdout
     assert len(_rows(tmp_path)) == 1
+    assert json.load(open(tmp_path / "grid_config.json"))["grid"]["models"] == "alexnet"
 
 
 def test_grid_runs_the_pytorch_twin_per_trial(tmp_path):

@@ -1,0 +1,210 @@
+"""Trials of a grid: expansion of `config.grid`, lossless names, directories, claims, status.
+
+A trial is one model with one value per sweep axis. Its name lists those values
+(`adam_lr0.001_wd1e-4_basic_do0.5_seed1`) so that the name alone determines them; it lives in
+`<grid workdir>/trials/<model>/<name>`. Processes sharing a grid workdir claim a trial by
+taking its run lock, so each trial is run by exactly one of them.
+"""
+
+import dataclasses
+import itertools
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import ml_collections
+from absl import logging
+
+from cifar_jax import config_checks, workdir as workdir_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    key: str  # name in result.json / results.csv
+    grid_field: str  # field of config.grid holding comma-separated values
+    path: str  # where a trial's value goes in its config
+    prefix: str  # in the trial name; "" for the two text axes
+    cast: type
+    optional: bool = False  # part of a grid (and of names) only where config.grid defines it
+
+
+AXES = (
+    Axis("optimizer", "optimizer", "optimizer", "", str),
+    Axis("learning_rate", "learning_rate", "learning_rate", "lr", float),
+    Axis("weight_decay", "weight_decay", "weight_decay", "wd", float),
+    Axis("augmentation", "augmentation", "data.augmentation", "", str),
+    Axis("dropout_rate", "dropout_rate", "dropout_rate", "do", float),  # dropout_models only
+    Axis("label_smoothing", "label_smoothing", "label_smoothing", "ls", float, optional=True),
+    Axis("warmup_epochs", "warmup_epochs", "warmup_epochs", "wu", float, optional=True),
+    Axis("ema_decay", "ema_decay", "ema_decay", "ema", float, optional=True),
+    Axis("seed", "seeds", "seed", "seed", int),  # in the name when not 0
+)
+_BY_PREFIX = {a.prefix: a for a in AXES if a.prefix}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    index: int
+    model: str
+    values: Tuple[Tuple[str, Any], ...]  # (axis key, value), in AXES order
+
+    @property
+    def name(self) -> str:
+        return trial_name(dict(self.values))
+
+    @property
+    def relpath(self) -> str:
+        return os.path.join("trials", self.model, self.name)
+
+    @property
+    def config_name(self) -> str:
+        """The name without the seed: trials that differ only in seed share it."""
+        return trial_name({k: v for k, v in self.values if k != "seed"})
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        return {"model": self.model, **dict(self.values)}
+
+
+def format_number(x: float) -> str:
+    """The shortest text that reads back as exactly `x`: 0.001 -> '0.001', 5e-4 -> '5e-4',
+    1.2e-4 -> '1.2e-4', 10000.0 -> '10000'. Distinct values never share a name."""
+    if x != 0 and abs(x) < 1e-3:
+        for digits in range(17):
+            mantissa, exponent = f"{x:.{digits}e}".split("e")
+            text = f"{mantissa}e{int(exponent)}"
+            if float(text) == x:
+                return text
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def trial_name(values: Dict[str, Any]) -> str:
+    parts = []
+    for axis in AXES:
+        if axis.key not in values or (axis.key == "seed" and values[axis.key] == 0):
+            continue
+        v = values[axis.key]
+        parts.append(f"{axis.prefix}{format_number(v) if axis.cast is float else v}")
+    return "_".join(parts)
+
+
+def parse_name(name: str) -> Dict[str, Any]:
+    """The values a trial name stands for (the inverse of `trial_name`)."""
+    values: Dict[str, Any] = {"seed": 0}
+    text_axes = iter(a for a in AXES if not a.prefix)
+    for part in name.split("_"):
+        for prefix in sorted(_BY_PREFIX, key=len, reverse=True):
+            rest = part[len(prefix):]
+            if part.startswith(prefix) and rest and (rest[0].isdigit() or rest[0] == "."):
+                axis = _BY_PREFIX[prefix]
+                values[axis.key] = axis.cast(rest)
+                break
+        else:
+            values[next(text_axes).key] = part
+    return values
+
+
+def _values(text, cast, field: str) -> List[Any]:
+    """Comma-separated values of one axis, cast, duplicates (by value) merged with a log line."""
+    raw = [v.strip() for v in str(text).split(",") if v.strip()]
+    if not raw:
+        raise config_checks.ConfigError(f"config.grid.{field} is empty; give comma-separated "
+                                        "values, e.g. 0.001,0.01.")
+    try:
+        values = [cast(v) for v in raw]
+    except ValueError as e:
+        raise config_checks.ConfigError(f"config.grid.{field}={text!r}: {e}.") from e
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        logging.warning("config.grid.%s=%r lists the same value more than once; running each "
+                        "value once: %s.", field, text, ", ".join(map(str, unique)))
+    return unique
+
+
+def _axis_text(grid, model: str, axis: Axis) -> Optional[str]:
+    """The values of `axis` for `model`: a per-model override, else the grid's, else None."""
+    per_model = grid.get("per_model") or {}
+    if model in per_model and axis.grid_field in per_model[model]:
+        return per_model[model][axis.grid_field]
+    if axis.key == "dropout_rate":
+        dropout_models = _values(grid.dropout_models, str, "dropout_models") \
+            if grid.get("dropout_models") else []
+        return grid.dropout_rate if model in dropout_models else None
+    return grid.get(axis.grid_field)
+
+
+def expand(config: ml_collections.ConfigDict) -> List[Trial]:
+    """All trials of `config.grid`, in a fixed order (model, then the axes in AXES order)."""
+    grid = config.grid
+    trials: List[Trial] = []
+    for model in _values(grid.models, str, "models"):
+        axes = [(a, _axis_text(grid, model, a)) for a in AXES]
+        axes = [(a, _values(text, a.cast, a.grid_field)) for a, text in axes if text is not None]
+        for combo in itertools.product(*(values for _, values in axes)):
+            values = tuple((a.key, v) for (a, _), v in zip(axes, combo))
+            trials.append(Trial(len(trials), model, values))
+    return trials
+
+
+def trial_config(config: ml_collections.ConfigDict, trial: Trial) -> ml_collections.ConfigDict:
+    """The base config with the trial's values and without the grid."""
+    d = config.to_dict()
+    d.pop("grid", None)
+    c = ml_collections.ConfigDict(d)
+    c.model = trial.model
+    paths = {a.key: a.path for a in AXES}
+    for key, value in trial.values:
+        node = c
+        *parents, leaf = paths[key].split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def shard_of(trials: Sequence[Trial], shard_index: int, num_shards: int) -> List[Trial]:
+    """Round-robin share of the trials: disjoint across shards, together all of them."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise config_checks.ConfigError(
+            f"--shard_index={shard_index} --num_shards={num_shards}: need 0 <= shard_index < "
+            "num_shards.")
+    return [t for t in trials if t.index % num_shards == shard_index]
+
+
+def describe(trials: Sequence[Trial]) -> str:
+    width = max([len(t.name) for t in trials] + [4])
+    lines = [f"{'#':>3}  {'model':<12} {'name':<{width}}  hyperparameters"]
+    for t in trials:
+        hp = ", ".join(f"{k}={v}" for k, v in t.values)
+        lines.append(f"{t.index:>3}  {t.model:<12} {t.name:<{width}}  {hp}")
+    lines.append(f"{len(trials)} trials")
+    return "\n".join(lines)
+
+
+def mismatch(trial: Trial, result: Dict[str, Any]) -> Optional[str]:
+    """Why `result` (a result.json) does not belong to `trial`, or None when it does."""
+    wrong = [f"{k}={result.get(k)!r} (expected {v!r})" for k, v in trial.hyperparameters().items()
+             if k in result and result[k] != v]
+    if wrong:
+        return (f"{trial.relpath}/result.json belongs to another trial: " + ", ".join(wrong) +
+                ". Move the directory away and run again.")
+    return None
+
+
+def trial_status(grid_workdir: str, trial: Trial) -> str:
+    """completed | diverged | failed | preempted | interrupted | pending | mismatched | unreadable."""
+    directory = os.path.join(grid_workdir, trial.relpath)
+    try:
+        result = workdir_lib.read_result(directory)
+    except workdir_lib.WorkdirError:
+        return "unreadable"
+    if result is None:
+        return "interrupted" if os.path.exists(os.path.join(directory, "config.json")) else "pending"
+    if mismatch(trial, result):
+        return "mismatched"
+    return result.get("status", "unknown")
+
+
+def claim(grid_workdir: str, trial: Trial) -> Optional[workdir_lib.RunLock]:
+    """The trial's run lock when this process gets it; None when a live process holds it."""
+    lock = workdir_lib.RunLock(os.path.join(grid_workdir, trial.relpath))
+    return lock if lock.try_acquire() else None

@@ -1,0 +1,121 @@
+"""The report from trial directories written by hand: statistics, summary, figure contents."""
+
+import os
+
+import pytest
+
+from cifar_jax import plots, report, trials, workdir as workdir_lib
+
+
+def _grid(**fields):
+    from configs import grid as grid_config
+
+    c = grid_config.get_config()
+    c.num_epochs = 3
+    c.grid.models = "alexnet"
+    c.grid.optimizer, c.grid.weight_decay, c.grid.augmentation = "sgd,adam", "1e-4", "basic"
+    c.grid.learning_rate, c.grid.dropout_rate = "0.01", "0.5"
+    for k, v in fields.items():
+        c.grid[k] = v
+    return c
+
+
+def _fake_trial(workdir, trial, val_curve, test=None):
+    directory = os.path.join(workdir, trial.relpath)
+    os.makedirs(directory)
+    for epoch, acc in enumerate(val_curve, 1):
+        workdir_lib.append_jsonl(os.path.join(directory, "metrics.jsonl"),
+                                 {"epoch": epoch, "step": 10 * epoch, "val_accuracy": acc,
+                                  "val_loss": 1 - acc})
+    result = {"status": "completed", "framework": "jax", **trial.hyperparameters(),
+              "best_val_accuracy": max(val_curve), "final_val_loss": 1 - val_curve[-1],
+              "num_params": 1000, "images_per_sec": 100.0, "step": 30}
+    if test is not None:
+        result.update(selected=True, test_accuracy=test)
+    workdir_lib.write_result(directory, result)
+
+
+@pytest.fixture
+def seeded_workdir(tmp_path):
+    """sgd: 3 seeds around 0.60; adam: 3 seeds around 0.59 (within the noise)."""
+    c = _grid(seeds="0,1,2")
+    curves = {("sgd", 0): 0.61, ("sgd", 1): 0.59, ("sgd", 2): 0.60,
+              ("adam", 0): 0.58, ("adam", 1): 0.60, ("adam", 2): 0.59}
+    for t in trials.expand(c):
+        v = dict(t.values)
+        best = curves[(v["optimizer"], v["seed"])]
+        _fake_trial(str(tmp_path), t, [best - 0.2, best - 0.05, best], test=best - 0.01)
+    return c, str(tmp_path)
+
+
+def test_selection_statistics_over_seeds(seeded_workdir):
+    c, workdir = seeded_workdir
+    rows = report.collect(workdir, trials.expand(c))
+    configs = report.configurations(rows)["alexnet"]
+    assert [x.name for x in configs] == ["sgd_lr0.01_wd1e-4_basic_do0.5",
+                                         "adam_lr0.01_wd1e-4_basic_do0.5"]
+    assert configs[0].mean_val == pytest.approx(0.60)
+    assert report.pooled_std([0.61, 0.59, 0.60], [0.58, 0.60, 0.59]) == pytest.approx(0.01)
+    text = report.margin_text(configs[0], configs[1], configs[0].values("best_val_accuracy"))
+    assert "by 1.00 pp" in text and "pooled std) 1.00 pp: within the noise" in text
+
+
+def test_summary_states_epochs_spread_and_margin(seeded_workdir, monkeypatch):
+    c, workdir = seeded_workdir
+    out = report.write_report(workdir, c)
+    summary = open(os.path.join(workdir, "summary.md")).read()
+    assert "trained for **3 epochs**" in summary and "not comparable" in summary
+    assert "| alexnet | sgd | 0.01 | 0.0001 | basic | 0.5 | 3 | 60.00% ± 1.00 | 59.00% ± 1.00 |" \
+        in summary
+    assert "within the noise" in summary
+    assert "| optimizer | adam | 59.00% ± 1.00 | 3 |" in summary  # effects with spread
+    assert len(out["selected"]["alexnet"]) == 3
+
+
+def test_val_curve_figure_names_every_trial_in_percent(seeded_workdir):
+    c, workdir = seeded_workdir
+    rows = report.collect(workdir, trials.expand(c))
+    fig = plots.val_curves_figure(workdir, rows, "alexnet", "sgd_lr0.01_wd1e-4_basic_do0.5")
+    axes = fig.axes
+    assert [a.get_title().split(":")[0] for a in axes] == ["alexnet, adam", "alexnet, sgd"]
+    for ax in axes:
+        assert ax.get_ylabel() == "validation accuracy (%)" and ax.get_xlabel() == "epoch"
+        assert ax.xaxis.get_major_locator()._integer  # integer epoch ticks
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert len(labels) == 3 and all("lr0.01_wd1e-4_basic_do0.5" in x for x in labels)
+        for line in ax.get_lines():
+            assert max(line.get_ydata()) > 1  # percent, not fractions
+    sgd_labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
+    assert sum(x.startswith("best: ") for x in sgd_labels) == 3  # every seed of the best
+
+
+def test_baseline_figure_says_when_the_baseline_is_missing(tmp_path, caplog):
+    c = _grid()
+    for t in trials.expand(c):
+        _fake_trial(str(tmp_path), t, [0.3, 0.4, 0.5])
+    rows = report.collect(str(tmp_path), trials.expand(c))
+    fig = plots.baseline_figure(str(tmp_path), rows, "alexnet", rows[0], "sgd_lr0.1_wd5e-4_basic")
+    (ax,) = fig.axes
+    notices = [t.get_text() for t in ax.texts]
+    assert notices == ["The untuned baseline sgd_lr0.1_wd5e-4_basic is not in this grid: only "
+                       "the best trial is drawn."]
+    assert "is not in this grid" in caplog.text
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"best: {rows[0]['name']}"]
+    fig = plots.baseline_figure(str(tmp_path), rows, "alexnet", rows[1],
+                                "sgd_lr0.01_wd1e-4_basic")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f"best: {rows[1]['name']}", f"untuned baseline: {rows[0]['name']}"]
+    assert not fig.axes[0].texts
+    assert fig.axes[0].get_ylabel() == "validation accuracy (%)"
+
+
+def test_report_reads_only_what_it_needs(tmp_path):
+    """A trial directory with damaged result.json is reported as unreadable, not a crash."""
+    c = _grid(optimizer="sgd")
+    (t,) = trials.expand(c)
+    os.makedirs(tmp_path / t.relpath)
+    (tmp_path / t.relpath / "result.json").write_text("{oops")
+    out = report.write_report(str(tmp_path), c)
+    (row,) = out["rows"]
+    assert row["status"] == "unreadable" and "not valid JSON" in row["error"]
+    assert (tmp_path / t.relpath / "result.json").read_text() == "{oops"  # left as it was
