@@ -1,39 +1,61 @@
-"""Side-by-side speed of the JAX models and their PyTorch twins on the current device.
+"""Training speed of the JAX engine and of the PyTorch twin on the current device.
 
-python -m cifar_jax.bench --models resnet18,alexnet,mobilenetv2 --frameworks jax,torch \
-    --batch_size 128 [--jax_dtype bfloat16] [--torch_channels_last --torch_amp --torch_compile]
+  python -m cifar_jax.bench --models resnet18,alexnet,mobilenetv2 --frameworks jax,torch
+  python -m cifar_jax.bench --jax_variants steps,loop,loop_bf16 --pack_sizes 1,2,4,8 \
+      --torch_variants eager,channels_last_amp,compile --precision tf32 --out bench.json
 
-Per model and framework: steady-state training images/s (median over timed windows after
-warm-up; the first step, with compilation, is reported apart), evaluation images/s, peak device
-memory where the framework reports it, and the JAX/PyTorch ratio. The training step is the full
-optimizer step (Adam, cosine schedule) on device-resident data with augmentation 'none', so both
-frameworks time the same work. Also per model: parameters and multiply-accumulates per image
-(counted from the convolutions and matmuls of the forward pass). Output: a markdown table on stdout and JSON.
+JAX variants: `steps` (one dispatch per step: the engine's CPU path and the pre-chunking
+engine), `loop` (a chunk of steps in one on-device loop), `loop_bf16` (the same in bfloat16);
+each at every pack size (K trials trained at once; images/s counts all K). PyTorch variants:
+`eager`, `channels_last`, `amp` (bfloat16 autocast), `channels_last_amp`, `compile`
+(torch.compile default), `max_autotune`, `reduce_overhead` (CUDA graphs); compile time apart.
+Both sides time the full optimizer step (Adam, cosine schedule) on device-resident data, with
+the same `--precision` (TF32 or true float32), set explicitly on both and recorded.
+
+Per model the table gives train images/s, the first step's time (compilation included; JAX
+also warm, from the persistent compilation cache), eval images/s, peak device memory, and the
+projected wall time of the model's share of the study's grid (configs/grid.py). The JSON
+(`--out`) holds every number.
 """
 
 import json
 import statistics
+import tempfile
 import time
 from typing import Any, Dict, List
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
+
+from cifar_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["resnet18", "alexnet", "mobilenetv2"], "Models to time.")
 flags.DEFINE_list("frameworks", ["jax", "torch"], "jax and/or torch.")
-flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_integer("batch_size", 128, "Training batch size (per trial).")
 flags.DEFINE_integer("eval_batch_size", 1000, "Evaluation batch size.")
-flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after the first (compiling) step.")
-flags.DEFINE_integer("window_steps", 10, "Steps per timed window.")
-flags.DEFINE_integer("windows", 5, "Timed windows; the median is reported.")
-flags.DEFINE_enum("jax_dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype.")
-flags.DEFINE_bool("torch_channels_last", False, "PyTorch channels_last memory format.")
-flags.DEFINE_bool("torch_amp", False, "PyTorch autocast to bfloat16.")
-flags.DEFINE_bool("torch_compile", False, "torch.compile the PyTorch model.")
-flags.DEFINE_string("output", "bench.json", "Where to write the JSON results.")
+flags.DEFINE_integer("chunk_steps", 20, "Steps per timed chunk (one host sync each).")
+flags.DEFINE_integer("windows", 5, "Timed chunks after the first; the median is reported.")
+flags.DEFINE_list("jax_variants", ["steps", "loop"], "steps, loop, loop_bf16.")
+flags.DEFINE_list("pack_sizes", ["1"], "Trials per pack to time (JAX).")
+flags.DEFINE_list("torch_variants", ["eager"], "eager, channels_last, amp, channels_last_amp, "
+                  "compile, max_autotune, reduce_overhead.")
+flags.DEFINE_enum("precision", "default", ["default", "tf32", "highest"],
+                  "float32 matmul/convolution precision, set on both sides.")
 flags.DEFINE_bool("efficiency", False, "Also measure the study's efficiency table (JAX): "
                   "checkpoint size, inference latency at batch 1, throughput at batch 1024.")
+flags.DEFINE_string("out", None, "Write the full results as JSON here (default: print only).")
+
+JAX_VARIANTS = {"steps": ("float32", "host"), "loop": ("float32", "device"),
+                "loop_bf16": ("bfloat16", "device")}
+TORCH_VARIANTS = {  # (channels_last, amp, torch.compile mode or None)
+    "eager": (False, False, None), "channels_last": (True, False, None),
+    "amp": (False, True, None), "channels_last_amp": (True, True, None),
+    "compile": (True, True, "default"), "max_autotune": (True, True, "max-autotune"),
+    "reduce_overhead": (True, True, "reduce-overhead")}
+# The study's grid per model (configs/grid.py): trials, and images per trial.
+GRID_TRIALS = {"resnet18": 16, "alexnet": 32, "mobilenetv2": 16}
+TRAIN_IMAGES, VAL_IMAGES, EPOCHS = 45_000, 5_000, 10
 
 
 def count_macs(fn, *args) -> int:
@@ -66,148 +88,172 @@ def count_macs(fn, *args) -> int:
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def _median_rate(run_window, images_per_window: int, windows: int) -> float:
-    rates = []
+def _median_rate(run, images: int, windows: int) -> float:
+    times = []
     for _ in range(windows):
         t0 = time.perf_counter()
-        run_window()
-        rates.append(images_per_window / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        run()
+        times.append(time.perf_counter() - t0)
+    return images / statistics.median(times)
 
 
-def bench_jax(model_name: str, batch_size: int, eval_batch_size: int, dtype: str, warmup: int,
-              window_steps: int, windows: int) -> Dict[str, Any]:
-    import jax
-    import jax.numpy as jnp
-
+def _jax_config(model: str, dtype: str, step_loop: str, precision: str):
     from configs import default
-    from cifar_jax import train
 
     config = default.get_config()
-    config.model, config.dtype = model_name, dtype
-    config.data.augmentation = "none"
-    config.batch_size, config.eval_batch_size = batch_size, eval_batch_size
-    n = batch_size * 4
-    steps = train.compiled_steps(train.static_spec(config, n // batch_size, jax.device_count()))
-    shape = train.RunShape(n, batch_size, n // batch_size, 10)
-    model = train.build_model(config)
-    state = jax.device_put(train.create_train_state(jax.random.PRNGKey(0), config, model, shape),
-                           steps.replicated)
+    config.model, config.dtype, config.step_loop, config.precision = (model, dtype, step_loop,
+                                                                      precision)
+    config.data.augmentation = "basic"
+    config.batch_size, config.eval_batch_size = FLAGS.batch_size, FLAGS.eval_batch_size
+    return config
+
+
+def bench_jax(model: str, variant: str, pack_size: int, precision: str) -> Dict[str, Any]:
+    """Train images/s (all trials of the pack), first chunk cold and warm, eval images/s."""
+    import jax
+
+    from cifar_jax import engine as engine_lib, input_pipeline
+
+    dtype, step_loop = JAX_VARIANTS[variant]
+    config = _jax_config(model, dtype, step_loop, precision)
+    n = FLAGS.batch_size * FLAGS.chunk_steps
     rng = np.random.default_rng(0)
-    images = jax.device_put(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), steps.replicated)
-    labels = jax.device_put(rng.integers(0, 10, (n,), dtype=np.int32), steps.replicated)
-    perm = steps.permutation(state.rng, 0, n)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (n,), dtype=np.int32)
 
-    t0 = time.perf_counter()
-    state, m = steps.train(state, images, labels, perm)
-    jax.block_until_ready(m)
-    first_step = time.perf_counter() - t0
-    for _ in range(warmup):
-        state, m = steps.train(state, images, labels, perm)
-    jax.block_until_ready(m)
+    def first_chunk():
+        """A fresh engine's first chunk: tracing, compilation (or cache load) and running."""
+        engine = engine_lib.Engine()
+        programs = engine.programs(engine_lib.static_spec(config, n, pack_size))
+        states = programs.to_device(engine_lib.stack(
+            [jax.device_get(programs.init_state(config))] * pack_size))
+        progress = programs.to_device(engine_lib.stack([engine_lib.Progress.empty()] * pack_size))
+        data = programs.to_device(images), programs.to_device(labels)
+        perms = programs.permutations(states, 0)
+        t0 = time.perf_counter()
+        states, progress = programs.train_chunk(states, progress, *data, perms, 1)
+        jax.block_until_ready(progress)
+        return time.perf_counter() - t0, programs, states, progress, data, perms
 
-    def window():
-        nonlocal state
-        for _ in range(window_steps):
-            state, out = steps.train(state, images, labels, perm)
-        jax.block_until_ready(out)
+    cold, *_ = first_chunk()  # each variant's programs are new to the (fresh) cache
+    jax.clear_caches()  # the next compile can only come from the persistent cache
+    warm, programs, states, progress, data, perms = first_chunk()
 
-    train_rate = _median_rate(window, window_steps * batch_size, windows)
+    def chunk():
+        nonlocal states, progress
+        states, progress = programs.train_chunk(states, progress, *data, perms,
+                                                FLAGS.chunk_steps - 1)
+        jax.device_get(progress.chunk)  # the loop's one host sync per chunk
+        states, progress = programs.train_chunk(states, progress, *data, perms, 1)
 
-    eval_split = train.put_eval_split(
-        train.input_pipeline.Split(rng.integers(0, 256, (eval_batch_size, 32, 32, 3), np.uint8),
-                                   rng.integers(0, 10, (eval_batch_size,), np.int32)),
-        eval_batch_size, steps.replicated)
-    jax.block_until_ready(steps.eval(state, eval_split.images, eval_split.labels,
-                                     eval_split.mask, 0))
-    eval_rate = _median_rate(
-        lambda: jax.block_until_ready(steps.eval(state, eval_split.images, eval_split.labels,
-                                                 eval_split.mask, 0)),
-        eval_batch_size, max(3, windows))
-
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    macs = count_macs(lambda v, x: model.apply(v, x, train=False), variables,
-                      jnp.zeros((1, 32, 32, 3), jnp.float32))
+    chunk()  # settle
+    rate = _median_rate(chunk, pack_size * n, FLAGS.windows)
+    split = input_pipeline.Split(images[:FLAGS.eval_batch_size], labels[:FLAGS.eval_batch_size])
+    eval_data = engine_lib.put_eval_splits({"x": split}, FLAGS.eval_batch_size, programs)
+    engine_lib.evaluate(programs, states, eval_data, "x")
+    eval_rate = _median_rate(lambda: engine_lib.evaluate(programs, states, eval_data, "x"),
+                             pack_size * len(split), max(3, FLAGS.windows))
     stats = jax.devices()[0].memory_stats() or {}
-    return {"framework": "jax", "model": model_name, "dtype": dtype,
-            "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
-            "macs_per_image": macs,
-            "first_step_s": first_step, "train_images_per_s": train_rate,
+    return {"framework": "jax", "model": model, "variant": variant, "dtype": dtype,
+            "precision": precision, "pack_size": pack_size, "train_images_per_s": rate,
+            "first_step_cold_s": cold, "first_step_warm_s": warm,
             "eval_images_per_s": eval_rate,
             "peak_memory_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
             "device": jax.devices()[0].device_kind}
 
 
-def bench_torch(model_name: str, batch_size: int, eval_batch_size: int, channels_last: bool,
-                amp: bool, compile_model: bool, warmup: int, window_steps: int,
-                windows: int) -> Dict[str, Any]:
+def bench_torch(model: str, variant: str, precision: str) -> Dict[str, Any]:
     import torch
 
     from cifar_jax.torch_twin.models import get_model
+    from cifar_jax.torch_twin.train import set_precision
 
+    channels_last, amp, compile_mode = TORCH_VARIANTS[variant]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    set_precision(precision)
     torch.manual_seed(0)
-    model = get_model(model_name).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    net = get_model(model).to(device).to(memory_format=fmt)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10_000)
-    step_model = torch.compile(model) if compile_model else model
-    x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=fmt)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+    forward = torch.compile(net, mode=compile_mode) if compile_mode else net
+    x = torch.randn(FLAGS.batch_size, 3, 32, 32, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 10, (FLAGS.batch_size,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = torch.nn.functional.cross_entropy(step_model(x), y)
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
 
-    model.train()
+    net.train()
     t0 = time.perf_counter()
     step()
     sync()
-    first_step = time.perf_counter() - t0
-    for _ in range(warmup):
+    first = time.perf_counter() - t0
+    for _ in range(3):
         step()
     sync()
 
-    def window():
-        for _ in range(window_steps):
+    def chunk():
+        for _ in range(FLAGS.chunk_steps):
             step()
         sync()
 
-    train_rate = _median_rate(window, window_steps * batch_size, windows)
-    model.eval()
-    xe = torch.randn(eval_batch_size, 3, 32, 32, device=device).to(memory_format=fmt)
+    rate = _median_rate(chunk, FLAGS.chunk_steps * FLAGS.batch_size, FLAGS.windows)
+    net.eval()
+    xe = torch.randn(FLAGS.eval_batch_size, 3, 32, 32, device=device).to(memory_format=fmt)
 
     @torch.no_grad()
     def evaluate():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            step_model(xe)
+            forward(xe)
         sync()
 
     evaluate()
-    eval_rate = _median_rate(evaluate, eval_batch_size, max(3, windows))
-    return {"framework": "torch", "model": model_name,
-            "dtype": "bfloat16-amp" if amp else "float32",
-            "params": sum(p.numel() for p in model.parameters()),
-            "first_step_s": first_step, "train_images_per_s": train_rate,
-            "eval_images_per_s": eval_rate,
+    eval_rate = _median_rate(evaluate, FLAGS.eval_batch_size, max(3, FLAGS.windows))
+    return {"framework": "torch", "model": model, "variant": variant,
+            "dtype": "bfloat16-amp" if amp else "float32", "precision": precision,
+            "pack_size": 1, "train_images_per_s": rate, "first_step_cold_s": first,
+            "first_step_warm_s": None, "eval_images_per_s": eval_rate,
             "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20
                                if device.type == "cuda" else None),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
 
-def efficiency_jax(model_name: str, repeats: int = 20) -> Dict[str, Any]:
+def projected_grid_seconds(row: Dict[str, Any]) -> float:
+    """The model's share of the study's grid at this row's speed: packs of K trials, each 10
+    epochs of 45,000 training and 5,000 validation images, plus one compile."""
+    trials = GRID_TRIALS.get(row["model"], 16)
+    packs = -(-trials // row["pack_size"])
+    per_pack = EPOCHS * (row["pack_size"] * TRAIN_IMAGES / row["train_images_per_s"] +
+                         row["pack_size"] * VAL_IMAGES / row["eval_images_per_s"])
+    return row["first_step_cold_s"] + packs * per_pack
+
+
+def model_info(model: str) -> Dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from cifar_jax.models import get_model
+
+    net = get_model(model)
+    variables = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                                train=False))
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+    macs = count_macs(lambda v, x: net.apply(v, x, train=False), variables,
+                      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    return {"params": params, "macs_per_image": macs}
+
+
+def efficiency_jax(model: str, repeats: int = 20) -> Dict[str, Any]:
     """Checkpoint size on disk, batch-1 latency and batch-1024 inference throughput."""
     import os
-    import subprocess
-    import tempfile
 
     import jax
     import jax.numpy as jnp
@@ -215,89 +261,115 @@ def efficiency_jax(model_name: str, repeats: int = 20) -> Dict[str, Any]:
 
     from cifar_jax.models import get_model
 
-    model = get_model(model_name)
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
+    net = get_model(model)
+    variables = jax.jit(lambda k: net.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
         jax.random.PRNGKey(0))
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "weights")
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(path, variables)
-        ckptr.wait_until_finished()
-        size = int(subprocess.run(["du", "-sb", path], capture_output=True, text=True)
-                   .stdout.split()[0])
-    out = {}
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, variables)
+            checkpointer.wait_until_finished()
+        size = sum(os.path.getsize(os.path.join(root, f))
+                   for root, _, files in os.walk(path) for f in files)
+    seconds = {}
     for batch in (1, 1024):
-        x = jnp.zeros((batch, 32, 32, 3), jnp.float32)
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 32, 32, 3)), jnp.float32)
         jax.block_until_ready(forward(variables, x))
         times = []
         for _ in range(repeats if batch == 1 else max(3, repeats // 5)):
             t0 = time.perf_counter()
             jax.block_until_ready(forward(variables, x))
             times.append(time.perf_counter() - t0)
-        out[batch] = statistics.median(times)
-    return {"model": model_name, "checkpoint_mb": size / 2**20,
-            "latency_batch1_ms": 1000 * out[1], "throughput_batch1024": 1024 / out[1024]}
+        seconds[batch] = statistics.median(times)
+    return {"model": model, "checkpoint_mb": size / 2**20,
+            "latency_batch1_ms": 1000 * seconds[1], "throughput_batch1024": 1024 / seconds[1024]}
 
 
-def markdown_table(rows: List[Dict[str, Any]]) -> str:
-    jax_rate = {r["model"]: r["train_images_per_s"] for r in rows if r["framework"] == "jax"}
-    lines = ["| model | framework | dtype | params | MACs/image | first step s | train img/s "
-             "| eval img/s | peak MB | JAX/PyTorch train |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        ratio = (f"{jax_rate[r['model']] / r['train_images_per_s']:.2f}x"
-                 if r["framework"] == "torch" and r["model"] in jax_rate else "")
-        macs = f"{r['macs_per_image'] / 1e6:.1f}M" if r.get("macs_per_image") else ""
-        mem = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "n/a"
-        lines.append(f"| {r['model']} | {r['framework']} | {r['dtype']} | {r['params']:,} | "
-                     f"{macs} | {r['first_step_s']:.1f} | {r['train_images_per_s']:.0f} | "
-                     f"{r['eval_images_per_s']:.0f} | {mem} | {ratio} |")
+def efficiency_table(rows: List[Dict[str, Any]]) -> str:
+    lines = ["| model | checkpoint MB | latency at batch 1 (ms) | inference img/s at batch 1024 |",
+             "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {e['model']} | {e['checkpoint_mb']:.1f} | {e['latency_batch1_ms']:.2f} | "
+              f"{e['throughput_batch1024']:,.0f} |" for e in rows]
     return "\n".join(lines)
+
+
+def markdown_table(rows: List[Dict[str, Any]], info: Dict[str, Dict[str, Any]]) -> str:
+    fastest_torch = {}
+    for r in rows:
+        if r["framework"] == "torch":
+            fastest_torch[r["model"]] = max(fastest_torch.get(r["model"], 0),
+                                            r["train_images_per_s"])
+    lines = ["| model | params | MACs/image | framework | variant | pack | precision | train "
+             "img/s | vs fastest PyTorch | first step s (cold / warm) | eval img/s | peak MB "
+             "| projected grid share |",
+             "| --- | ---: | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
+    for r in rows:
+        m = info[r["model"]]
+        ratio = (f"{r['train_images_per_s'] / fastest_torch[r['model']]:.2f}x"
+                 if r["framework"] == "jax" and r["model"] in fastest_torch else "")
+        warm = "" if r["first_step_warm_s"] is None else f" / {r['first_step_warm_s']:.1f}"
+        mem = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "n/a"
+        lines.append(
+            f"| {r['model']} | {m['params']:,} | {m['macs_per_image'] / 1e6:.1f}M | "
+            f"{r['framework']} | {r['variant']} | {r['pack_size']} | {r['precision']} | "
+            f"{r['train_images_per_s']:,.0f} | {ratio} | {r['first_step_cold_s']:.1f}{warm} | "
+            f"{r['eval_images_per_s']:,.0f} | {mem} | "
+            f"{projected_grid_seconds(r) / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def _check_flags() -> None:
+    for name, given, valid in (("frameworks", FLAGS.frameworks, ("jax", "torch")),
+                               ("jax_variants", FLAGS.jax_variants, JAX_VARIANTS),
+                               ("torch_variants", FLAGS.torch_variants, TORCH_VARIANTS)):
+        bad = sorted(set(given) - set(valid))
+        if bad:
+            raise cli.UsageError(f"--{name}: unknown {', '.join(bad)}; valid: "
+                                 f"{', '.join(valid)}.")
+    from cifar_jax.models import MODELS
+    bad = sorted(set(FLAGS.models) - set(MODELS))
+    if bad:
+        raise cli.UsageError(f"--models: unknown {', '.join(bad)}; valid: {', '.join(MODELS)}.")
+    if not all(p.isdigit() and int(p) > 0 for p in FLAGS.pack_sizes):
+        raise cli.UsageError(f"--pack_sizes={','.join(FLAGS.pack_sizes)}: expected positive "
+                             "integers, e.g. 1,4,8.")
 
 
 def main(argv):
     del argv
-    bad = set(FLAGS.frameworks) - {"jax", "torch"}
-    if bad:
-        raise app.UsageError(f"--frameworks: unknown {sorted(bad)}; valid: jax, torch.")
-    rows = []
-    for model_name in FLAGS.models:
+    _check_flags()
+    import jax
+
+    # A fresh persistent compilation cache for this process: the first compile of each
+    # variant is cold, its repetition after clearing the in-memory caches warm.
+    cache = tempfile.TemporaryDirectory()
+    jax.config.update("jax_compilation_cache_dir", cache.name)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    rows, info = [], {}
+    for model in FLAGS.models:
+        info[model] = model_info(model)
         if "jax" in FLAGS.frameworks:
-            logging.info("Timing JAX %s ...", model_name)
-            rows.append(bench_jax(model_name, FLAGS.batch_size, FLAGS.eval_batch_size,
-                                  FLAGS.jax_dtype, FLAGS.warmup_steps, FLAGS.window_steps,
-                                  FLAGS.windows))
+            for variant in FLAGS.jax_variants:
+                for k in map(int, FLAGS.pack_sizes):
+                    logging.info("Timing JAX %s, %s, pack of %d ...", model, variant, k)
+                    rows.append(bench_jax(model, variant, k, FLAGS.precision))
         if "torch" in FLAGS.frameworks:
-            logging.info("Timing PyTorch %s ...", model_name)
-            rows.append(bench_torch(model_name, FLAGS.batch_size, FLAGS.eval_batch_size,
-                                    FLAGS.torch_channels_last, FLAGS.torch_amp,
-                                    FLAGS.torch_compile, FLAGS.warmup_steps,
-                                    FLAGS.window_steps, FLAGS.windows))
-    table = markdown_table(rows)
+            for variant in FLAGS.torch_variants:
+                logging.info("Timing PyTorch %s, %s ...", model, variant)
+                rows.append(bench_torch(model, variant, FLAGS.precision))
+    table = markdown_table(rows, info)
+    efficiency = [efficiency_jax(m) for m in FLAGS.models] if FLAGS.efficiency else []
+    if efficiency:
+        table += "\n\n" + efficiency_table(efficiency)
     print(table)
-    efficiency = []
-    if FLAGS.efficiency:
-        macs = {r["model"]: r.get("macs_per_image") for r in rows if r["framework"] == "jax"}
-        rate = {r["model"]: r["train_images_per_s"] for r in rows if r["framework"] == "jax"}
-        params = {r["model"]: r["params"] for r in rows}
-        lines = ["", "| model | params | MACs/image | checkpoint MB | train img/s | latency at "
-                 "batch 1 (ms) | inference img/s at batch 1024 |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for model_name in FLAGS.models:
-            e = efficiency_jax(model_name)
-            efficiency.append(e)
-            m = macs.get(model_name)
-            lines.append(f"| {model_name} | {params.get(model_name, 0):,} | "
-                         f"{'' if m is None else f'{m / 1e6:.1f}M'} | {e['checkpoint_mb']:.1f} | "
-                         f"{rate.get(model_name, float('nan')):.0f} | "
-                         f"{e['latency_batch1_ms']:.2f} | {e['throughput_batch1024']:.0f} |")
-        print("\n".join(lines))
-        table += "\n" + "\n".join(lines)
-    with open(FLAGS.output, "w") as f:
-        json.dump({"batch_size": FLAGS.batch_size, "rows": rows, "efficiency": efficiency,
-                   "table": table}, f, indent=2)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump({"batch_size": FLAGS.batch_size, "chunk_steps": FLAGS.chunk_steps,
+                       "models": info, "rows": rows, "efficiency": efficiency, "table": table},
+                      f, indent=2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

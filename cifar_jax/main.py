@@ -1,22 +1,26 @@
-"""Command line: `python -m cifar_jax.main --config configs/default.py --workdir runs/x`.
+"""Trains CIFAR-10 models: one run, or the whole study.
 
-A config with a `grid` field (configs/grid.py) runs the whole study; any other config runs
-one training run. Config fields are overridden with --config.FIELD=VALUE.
+  python -m cifar_jax.main --config configs/default.py --workdir runs/x
+  python -m cifar_jax.main --config configs/grid.py --workdir runs/grid [--dry_run]
+
+A config with a `grid` field (configs/grid.py) runs every trial of the grid and writes the
+report; any other config is one training run. Override config fields with --config.FIELD=VALUE.
+Exit status: 0 done, 1 some grid trials failed, 2 invalid config/data/workdir, 3 diverged,
+143 pre-empted (rerun the same command to resume).
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from cifar_jax import config_checks, input_pipeline
+from cifar_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_bool("dry_run", False, "Grid configs: print the trial list and count, then exit.")
+flags.DEFINE_bool("dry_run", False, "Print the trial list (grid) or the config, then exit.")
 flags.DEFINE_integer("shard_index", None, "Grid configs: this process's shard (default: "
                      "$SLURM_ARRAY_TASK_ID, else 0).")
 flags.DEFINE_integer("num_shards", None, "Grid configs: number of shards (default: "
@@ -26,8 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _shard_flags():
     """--shard_index/--num_shards, defaulting to a SLURM array's task id and count."""
-    index = FLAGS.shard_index
-    count = FLAGS.num_shards
+    index, count = FLAGS.shard_index, FLAGS.num_shards
     if index is None:
         index = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) - int(
             os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
@@ -36,50 +39,39 @@ def _shard_flags():
     return index, count
 
 
-def quiet_library_logs():
-    """Keeps orbax's per-save INFO lines out of the run log (warnings still show)."""
-    import logging as py_logging
+def enable_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory` ('' leaves it off)."""
+    if not directory:
+        return
+    import jax
 
-    class _Filter(py_logging.Filter):
-        def filter(self, record):
-            return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-    logging.get_absl_handler().addFilter(_Filter())
+    directory = os.path.expanduser(directory)
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    quiet_library_logs()
-    from cifar_jax import grid, train  # after flag parsing: keeps --help fast
+    del argv
+    from cifar_jax import grid, trials  # after flag parsing: keeps --help fast
 
-    try:
-        if "grid" in FLAGS.config:
-            trials = grid.expand(FLAGS.config)
-            if FLAGS.dry_run:
-                print(grid.describe(trials))
-                return
-            if not grid.run_grid(FLAGS.config, FLAGS.workdir, *_shard_flags()):
-                print("error: some trials failed; see results.csv", file=sys.stderr)
-                sys.exit(1)
-        else:
-            if FLAGS.dry_run:
-                print(FLAGS.config)
-                return
-            grid.run_training(FLAGS.config, FLAGS.workdir)
-    except (config_checks.ConfigError, input_pipeline.DataError, OSError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except train.Preempted as e:
-        logging.warning("%s", e)
-        print(str(e), file=sys.stderr)
-        sys.exit(143)
-    except train.Diverged as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    config = FLAGS.config
+    if "grid" in config:
+        expanded = trials.expand(config)
+        if FLAGS.dry_run:
+            print(trials.describe(expanded))
+            return
+        enable_compilation_cache(config.compilation_cache_dir)
+        if not grid.run_grid(config, FLAGS.workdir, *_shard_flags()):
+            logging.error("Some trials failed or diverged; see %s/results.csv.", FLAGS.workdir)
+            raise SystemExit(1)
+        return
+    if FLAGS.dry_run:
+        print(config)
+        return
+    enable_compilation_cache(config.compilation_cache_dir)
+    grid.run_training(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

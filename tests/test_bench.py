@@ -25,20 +25,37 @@ def test_bench_smoke_output_format(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_jax.bench", "--models", "alexnet", "--frameworks",
-         "jax,torch", "--batch_size", "8", "--eval_batch_size", "16", "--window_steps", "1",
-         "--windows", "2", "--warmup_steps", "0", "--efficiency", "--output", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "jax,torch", "--batch_size", "8", "--eval_batch_size", "16", "--chunk_steps", "2",
+         "--windows", "2", "--jax_variants", "steps", "--pack_sizes", "1,2",
+         "--torch_variants", "eager", "--precision", "highest", "--efficiency",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| alexnet | jax |" in proc.stdout and "| alexnet | torch |" in proc.stdout
+    assert "| alexnet | 23,272,266 | 62.7M | jax | steps | 1 | highest |" in proc.stdout
+    assert "| jax | steps | 2 |" in proc.stdout and "| torch | eager | 1 |" in proc.stdout
     data = json.loads(out.read_text())
-    rows = {r["framework"]: r for r in data["rows"]}
-    assert set(rows) == {"jax", "torch"}
+    rows = {(r["framework"], r["variant"], r["pack_size"]): r for r in data["rows"]}
+    assert set(rows) == {("jax", "steps", 1), ("jax", "steps", 2), ("torch", "eager", 1)}
     for r in rows.values():
         assert r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
-        assert r["params"] == 23_272_266
-    assert rows["jax"]["macs_per_image"] > 6e7
-    assert "x |" in data["table"]  # the JAX/PyTorch ratio column is filled
+        assert r["precision"] == "highest"
+    cold, warm = rows[("jax", "steps", 1)]["first_step_cold_s"], rows[("jax", "steps", 1)][
+        "first_step_warm_s"]
+    assert warm < cold  # the second compile came from the persistent cache
+    assert data["models"]["alexnet"]["params"] == 23_272_266
+    assert data["models"]["alexnet"]["macs_per_image"] > 6e7
+    assert "x |" in data["table"]  # the JAX / fastest-PyTorch ratio column is filled
+    assert " min |" in data["table"]  # projected grid share
     (eff,) = data["efficiency"]
     assert 40 < eff["checkpoint_mb"] < 100  # 23.3M float32 parameters (88.8 MB raw, compressed)
     assert eff["latency_batch1_ms"] > 0 and eff["throughput_batch1024"] > 0
-    assert "latency at batch 1" in proc.stdout
+
+
+def test_bench_writes_nothing_unless_asked(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_jax.bench", "--models", "alexnet", "--frameworks",
+         "torch", "--batch_size", "4", "--eval_batch_size", "4", "--chunk_steps", "1",
+         "--windows", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| torch | eager |" in proc.stdout
+    assert os.listdir(tmp_path) == []

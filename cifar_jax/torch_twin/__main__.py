@@ -1,10 +1,16 @@
-"""`python -m cifar_jax.torch_twin --config configs/default.py --workdir runs/torch`."""
+"""Trains one run with the PyTorch twin (the same config and data as the JAX run).
 
-from absl import app, flags
+  python -m cifar_jax.torch_twin --config configs/default.py --workdir runs/torch
+"""
+
+from absl import flags
 from ml_collections import config_flags
 
+from cifar_jax import cli
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for metrics, results and the checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -17,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,0 +1,88 @@
+"""Command-line plumbing shared by every entry point (main, report, bench, the twin).
+
+- `--help` (or -h, --helpshort, --helpfull) prints the usage and exits 0.
+- A bad flag or a misspelt config field prints one line, with the suggestion where there is
+  one, and exits 2 before anything is loaded.
+- A known error (bad config, data or workdir) prints one line `error: ...` and exits 2; a
+  non-finite loss exits 3, a pre-emption 143, a second interrupt 130. Each is printed once.
+- Library chatter (TensorFlow's C++ start-up lines, the TPU probe, orbax's per-save lines) is
+  kept out of the log; warnings still show.
+"""
+
+import logging as py_logging
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+class UsageError(Exception):
+    """The command line is wrong; the message says how to fix it."""
+
+
+def _exit_codes():
+    from cifar_jax import checkpointing, config_checks, input_pipeline, train, workdir
+    return ((train.Preempted, 143), (train.Diverged, 3),
+            ((config_checks.ConfigError, input_pipeline.DataError, workdir.WorkdirError,
+              checkpointing.CheckpointError, UsageError, OSError), 2))
+
+
+def _flag_error_text(error: BaseException) -> str:
+    """One line for a flag-parsing error; ml_collections' misspelt-field errors included."""
+    inner = error.args[0] if error.args else error
+    if isinstance(inner, KeyError) and inner.args:
+        inner = inner.args[0]
+    lines = [line.strip(" '\"") for line in str(inner).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Did you mean"):
+        return f"no config field {lines[0]!r}. {lines[1]}"
+    return " ".join(lines)
+
+
+def _parse_flags(argv):
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True, exitcode=0)
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: {_flag_error_text(e)} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _QuietLibraries(py_logging.Filter):
+    def filter(self, record):
+        if record.levelno >= py_logging.WARNING:
+            return "did not provide metrics" not in record.getMessage()  # orbax, mid-epoch saves
+        path = record.pathname
+        return "orbax" not in path and "xla_bridge" not in path
+
+
+def quiet_library_logs() -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def run(main: Callable) -> None:
+    """absl's app.run with the behaviour described in the module docstring."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines
+
+    def wrapped(argv):
+        if len(argv) > 1:
+            print(f"error: unexpected arguments: {' '.join(argv[1:])} (see --help)",
+                  file=sys.stderr)
+            sys.exit(2)
+        quiet_library_logs()
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("Interrupted.", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            for kinds, code in _exit_codes():
+                if isinstance(e, kinds):
+                    print(str(e) if code == 143 else f"error: {e}", file=sys.stderr)
+                    sys.exit(code)
+            raise
+
+    app.run(wrapped, flags_parser=_parse_flags)

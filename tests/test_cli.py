@@ -1,0 +1,66 @@
+"""The command lines: help, one-line errors, exit codes, quiet start-up."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CACHE_FLAG
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("module", ["cifar_jax.main", "cifar_jax.report", "cifar_jax.bench",
+                                    "cifar_jax.torch_twin"])
+def test_help_exits_0(module):
+    proc = _run(module, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--" in proc.stdout and ("workdir" in proc.stdout or "models" in proc.stdout)
+
+
+def test_misspelt_field_is_one_line_with_the_suggestion(tmp_path):
+    proc = _run("cifar_jax.main", "--config", "configs/default.py", "--workdir", str(tmp_path),
+                "--config.learning_rat=0.1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: no config field 'learning_rat'. Did you mean \"learning_rate\" instead of "
+        "\"learning_rat\"? (see --help)"]
+
+
+def test_invalid_config_is_one_error_line_before_anything_runs(tmp_path):
+    proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir",
+                str(tmp_path / "w"), "--config.model=vgg16", "--config.learning_rate=nan",
+                CACHE_FLAG)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("config.model='vgg16'") == 1  # printed once, not logged as well
+    assert "config.learning_rate=nan" in proc.stderr
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_smoke_run_output_is_quiet_and_complete(tmp_path):
+    """One progress line per chunk, one summary line per epoch, no library chatter."""
+    proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
+                "--config.num_epochs=1", "--config.data.synthetic_train_size=820",
+                "--config.data.val_size=100", "--config.log_every_steps=5",
+                "--config.batch_size=144", CACHE_FLAG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert sum("step " in line and "/5 (epoch 1/1)" in line for line in lines) == 1
+    assert sum("epoch 1/1  train loss" in line for line in lines) == 1
+    for noise in ("oneDNN", "libtpu", "orbax", "Saving checkpoint", socket_host()):
+        assert not any(noise in line for line in lines), noise
+    assert len(lines) <= 6, "\n".join(lines)
+    assert os.listdir(os.path.expanduser(CACHE_FLAG.split("=", 1)[1]))  # compile cache filled
+
+
+def socket_host():
+    import socket
+
+    return f"] {socket.gethostname()}:"
