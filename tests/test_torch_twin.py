@@ -1,5 +1,7 @@
 """Parity of the PyTorch twin with the Flax models and training recipe (fp32, CPU)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,12 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cifar_jax import optim, train  # noqa: E402
+from cifar_jax import engine, optim  # noqa: E402
 from cifar_jax.models import get_model  # noqa: E402
 from cifar_jax.torch_twin import convert, models as torch_models  # noqa: E402
 from cifar_jax.torch_twin import train as torch_train  # noqa: E402
 
-MODELS = ["resnet18", "alexnet", "mobilenetv2"]
+MODELS = ["resnet18", "alexnet", "mobilenetv2", "resnet50"]
 
 
 def _pair(name, seed=0):
@@ -46,7 +48,7 @@ def test_eval_logits_agree(name):
         np.testing.assert_array_equal(u, v)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "resnet50"])
 def test_train_mode_forward_and_running_stats_agree(name):
     flax_model, variables, torch_model = _pair(name)
     x, xt = _inputs(8, seed=1)
@@ -65,57 +67,64 @@ def test_train_mode_forward_and_running_stats_agree(name):
                                    err_msg=key)
 
 
-def _one_step(name, opt, precision):
-    """New parameters after one step from identical weights and batch, in both frameworks."""
+@functools.lru_cache(maxsize=None)
+def _gradients(name):
+    """Loss and gradients of one float64 batch from identical weights, in both frameworks
+    (shared by the optimizer comparisons below)."""
+    with jax.enable_x64(True):
+        flax_model = get_model(name, dtype=jnp.float64)
+        variables = flax_model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)), train=False)
+        variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+        x = np.random.default_rng(2).normal(size=(8, 32, 32, 3))
+        labels = np.arange(8) % 10
+
+        def loss_fn(params):
+            logits, _ = flax_model.apply({**variables, "params": params}, x, train=True,
+                                         dropout_rate=0.0, mutable=["batch_stats"],
+                                         rngs={"dropout": jax.random.PRNGKey(0)})
+            return engine.cross_entropy_loss(logits, labels).mean()
+
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+        grads = jax.tree.map(np.asarray, grads)
+    torch_model = torch_models.get_model(name).double()
+    torch_model.load_state_dict(convert.flax_to_torch(variables))
+    torch_model.train()
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    torch_loss = torch.nn.functional.cross_entropy(torch_model(xt, dropout_rate=0.0),
+                                                   torch.as_tensor(labels))
+    torch_loss.backward()
+    torch_grads = {k: p.grad.numpy() for k, p in torch_model.named_parameters()}
+    return variables, float(loss), grads, float(torch_loss.detach()), torch_grads
+
+
+def _one_step(name, opt):
+    """New parameters after one step from identical weights and gradients, in both."""
     from configs import default
 
     config = default.get_config()
     config.model, config.optimizer = name, opt
     # Values exactly representable in float32, the dtype of the injected hyperparameters.
     config.learning_rate, config.weight_decay = float(np.float32(0.01)), float(np.float32(5e-3))
-    jdtype = jnp.float64 if precision == "float64" else jnp.float32
-    with jax.enable_x64(precision == "float64"):
-        flax_model = get_model(name, dtype=jdtype)
-        variables = flax_model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)), train=False)
-        variables = jax.tree.map(lambda a: jnp.asarray(a, jdtype), variables)
-        torch_model = torch_models.get_model(name).to(getattr(torch, precision))
-        torch_model.load_state_dict(convert.flax_to_torch(variables))
-        x = np.random.default_rng(2).normal(size=(8, 32, 32, 3)).astype(precision)
-        labels = np.arange(8) % 10
-
-        tx = optim.make_optimizer(opt, 100)
-        opt_state = optim.with_hyperparams(tx.init(variables["params"]), config.learning_rate,
-                                           config.weight_decay)
-
-        def loss_fn(params):
-            logits, _ = flax_model.apply({**variables, "params": params}, x, train=True,
-                                         dropout_rate=0.0, mutable=["batch_stats"],
-                                         rngs={"dropout": jax.random.PRNGKey(0)})
-            return train.cross_entropy_loss(logits, labels).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(variables["params"])
+    variables, loss, grads, torch_loss, torch_grads = _gradients(name)
+    with jax.enable_x64(True):
+        tx = optim.make_optimizer(100)
+        opt_state = optim.with_hyperparams(tx.init(variables["params"]), opt,
+                                           config.learning_rate, config.weight_decay)
         updates, _ = tx.update(grads, opt_state, variables["params"])
         new_params = jax.tree.map(lambda p, u: np.asarray(p + u), variables["params"], updates)
-        grads = jax.tree.map(np.asarray, grads)
-
-    torch_model.train()
-    optimizer = torch_train.make_optimizer(config, torch_model)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    torch_loss = torch.nn.functional.cross_entropy(torch_model(xt, dropout_rate=0.0),
-                                                   torch.as_tensor(labels))
-    torch_loss.backward()
     to_np = lambda d: {k: v.double().numpy() for k, v in d.items()}  # noqa: E731
-    torch_grads = {k: p.grad.double().numpy() for k, p in torch_model.named_parameters()}
     flax_grads = to_np(convert.flax_to_torch({"params": grads}))
+    torch_model = torch_models.get_model(name).double()
+    torch_model.load_state_dict(convert.flax_to_torch(variables))
+    optimizer = torch_train.make_optimizer(config, torch_model)
     # The optimizer is compared on identical gradients: Adam's first step is g / (|g| + eps),
     # which turns round-off in near-zero gradients into full-size differences.
-    with torch.no_grad():
-        for k, p in torch_model.named_parameters():
-            p.grad.copy_(torch.from_numpy(flax_grads[k]))
+    for k, p in torch_model.named_parameters():
+        p.grad = torch.from_numpy(flax_grads[k].copy())
     optimizer.step()
     expected = to_np(convert.flax_to_torch({"params": new_params}))
     got = to_np(torch_model.state_dict())
-    return float(loss), float(torch_loss.detach()), flax_grads, torch_grads, expected, got
+    return loss, torch_loss, flax_grads, torch_grads, expected, got
 
 
 # Compared in float64: deep BatchNorm networks at initialisation amplify float32 round-off in
@@ -123,12 +132,12 @@ def _one_step(name, opt, precision):
 # and 4 devices), and coupled-L2 Adam's first step, (g + wd p) / (|g + wd p| + eps), turns
 # round-off in a near-cancelling sum into visible differences. float32 agreement of the
 # forward pass is covered by the tests above.
-@pytest.mark.parametrize("name,precision,opt", [
-    (m, "float64", o) for m in ("alexnet", "mobilenetv2") for o in ("sgd", "adam", "adamw")
-] + [("resnet18", "float64", "adam")])  # ResNet-18 is slow in float64 on the CPU
-def test_one_optimizer_step_agrees(name, precision, opt):
+@pytest.mark.parametrize("name,opt", [
+    (m, o) for m in ("alexnet", "mobilenetv2") for o in ("sgd", "adam", "adamw")
+] + [("resnet18", "adam")])  # ResNets are slow in float64 on the CPU
+def test_one_optimizer_step_agrees(name, opt):
     """Same loss, gradients, optimizer and weight-decay semantics in both frameworks."""
-    loss, torch_loss, flax_grads, torch_grads, expected, got = _one_step(name, opt, precision)
+    loss, torch_loss, flax_grads, torch_grads, expected, got = _one_step(name, opt)
     assert abs(loss - torch_loss) <= 1e-5 * abs(loss)
     keys = sorted(flax_grads)
     assert keys == sorted(torch_grads)
@@ -183,3 +192,46 @@ def test_twin_augmentations_match_jax_semantics():
     a = jax.vmap(lambda i: dm_pix.adjust_hue(i, 0.07))(jnp.asarray(im))
     b = torch_augment._shift_hue(torch.from_numpy(im.transpose(0, 3, 1, 2)), 0.07)
     np.testing.assert_allclose(b.numpy().transpose(0, 2, 3, 1), a, atol=1e-5)
+
+
+def test_twin_resumes_by_the_same_rules_as_jax(tmp_path, tiny_config, monkeypatch):
+    """Stored-config comparison, refusal, allow_config_change and result fields are shared."""
+    import json
+
+    from cifar_jax import config_checks
+
+    real_epoch = torch_train._Run._train_epoch
+
+    def interrupted_in_epoch_two(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt  # Ctrl-C: epoch 1's checkpoint stays
+        return real_epoch(self)
+
+    monkeypatch.setattr(torch_train._Run, "_train_epoch", interrupted_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        torch_train.train_and_evaluate(tiny_config, str(tmp_path))
+    monkeypatch.setattr(torch_train._Run, "_train_epoch", real_epoch)
+    stored = (tmp_path / "config.json").read_text()
+    changed = tiny_config.copy_and_resolve_references()
+    changed.optimizer, changed.learning_rate = "sgd", 0.01
+    with pytest.raises(config_checks.ConfigError, match="optimizer: stored 'adam', now 'sgd'"):
+        torch_train.train_and_evaluate(changed, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == stored  # checked before anything is written
+    changed.allow_config_change = True
+    result = torch_train.train_and_evaluate(changed, str(tmp_path))  # no KeyError: 'momentum'
+    assert result["status"] == "completed" and result["optimizer"] == "sgd"
+    assert result["learning_rate"] == 0.01
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2]
+    # The resumed epoch ran on the new schedule: peak 0.01, cosine over 2 epochs, at its end 0.
+    assert records[1]["learning_rate"] == pytest.approx(0.0, abs=1e-9)
+    assert json.load(open(tmp_path / "config.json"))["optimizer"] == "sgd"
+
+
+def test_twin_refuses_a_batch_larger_than_the_training_set(tmp_path, tiny_config):
+    from cifar_jax import config_checks
+
+    tiny_config.batch_size = 1000
+    with pytest.raises(config_checks.ConfigError, match="batch_size=1000 is larger than the 260"):
+        torch_train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert not (tmp_path / "config.json").exists()

@@ -1,8 +1,9 @@
 """The study's training recipe in PyTorch, reading the same config and data as the JAX run.
 
-Writes the same `metrics.jsonl` / `result.json` as cifar_jax.train so that reports can put
-both frameworks side by side. A checkpoint (model, optimizer, schedule, epoch, RNG) is saved at
-every epoch end and resumed from.
+It shares the run-directory rules with the JAX side (`cifar_jax.workdir`): the lock, the
+stored-config comparison with its `allow_config_change` path, metrics.jsonl and the
+result.json fields. A checkpoint (model, optimizer, schedule, epoch, RNG) is saved at every
+epoch end and resumed from; checkpoints are loaded with `weights_only=True`.
 """
 
 import math
@@ -13,9 +14,12 @@ from typing import Any, Dict, Optional
 import torch
 from absl import logging
 
-from cifar_jax import config_checks, input_pipeline, metric_writing, models
+from cifar_jax import config_checks, input_pipeline, models
+from cifar_jax import workdir as workdir_lib
 from cifar_jax.torch_twin import augment
 from cifar_jax.torch_twin.models import get_model
+
+PRECISION = {"default": None, "tf32": "high", "highest": "highest"}
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0) -> float:
@@ -51,24 +55,33 @@ def make_scheduler(config, optimizer, total_steps: int, warmup_steps: int):
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps))
 
 
-def dropout_rate_for(config) -> float:
-    return models.dropout_rate(config.model, config.dropout_rate)
+def set_precision(precision: str) -> None:
+    """config.precision on the PyTorch side: the same TF32/float32 choice as JAX."""
+    if PRECISION[precision] is not None:
+        torch.set_float32_matmul_precision(PRECISION[precision])
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
 
 
 def build_model(config) -> torch.nn.Module:
-    kwargs = ({"dropout_rate": dropout_rate_for(config)}
-              if config.model in models.MODELS_WITH_DROPOUT else {})
-    return get_model(config.model, **kwargs)
+    return get_model(config.model, dropout_rate=models.dropout_rate(config.model,
+                                                                      config.dropout_rate))
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
-def evaluate(model, split: input_pipeline.Split, batch_size: int, device) -> Dict[str, float]:
+def evaluate(model, split: input_pipeline.Split, batch_size: int, device,
+             tta_flip: bool = False) -> Dict[str, float]:
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(split), batch_size):
         x = augment.augment(split.images[start:start + batch_size], "none", None).to(device)
         y = torch.as_tensor(split.labels[start:start + batch_size], dtype=torch.long).to(device)
         logits = model(x).float()
+        if tta_flip:
+            logits = 0.5 * (logits + model(x.flip(3)).float())
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     return {"loss": loss_sum / len(split), "accuracy": correct / len(split)}
@@ -76,112 +89,170 @@ def evaluate(model, split: input_pipeline.Split, batch_size: int, device) -> Dic
 
 def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split) -> Dict[str, float]:
     """Loss and accuracy of a twin run's best-validation model on `split`."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     model = build_model(config).to(device)
-    model.load_state_dict(torch.load(os.path.join(workdir, "torch_best.pt"), map_location=device))
-    return evaluate(model, split, config.eval_batch_size, device)
+    model.load_state_dict(torch.load(os.path.join(workdir, "torch_best.pt"),
+                                     map_location=device, weights_only=True))
+    return evaluate(model, split, config.eval_batch_size, device, config.tta_flip)
 
 
 def train_and_evaluate(config, workdir: str,
                        dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
+    """Trains `config` in `workdir` with the twin, holding the directory's lock."""
     config_checks.validate_config(config, num_devices=1)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    result_path = os.path.join(workdir, "result.json")
-    previous = metric_writing.read_json(result_path)
+    workdir_lib.ensure_writable(workdir)
+    with workdir_lib.RunLock(workdir).acquire():
+        return train_locked(config, workdir, dataset)
+
+
+def train_locked(config, workdir: str,
+                 dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
+    """`train_and_evaluate` for a caller that holds the workdir's lock (the grid)."""
+    workdir = os.path.abspath(workdir)
+    workdir_lib.ensure_writable(workdir)
+    previous = workdir_lib.read_result(workdir)
+    workdir_lib.check_stored_config(config, workdir)
     if previous and previous.get("status") == "completed":
-        logging.info("Run in %s already finished: %s", workdir, previous)
+        logging.info("Run in %s already finished.", workdir)
         return previous
-    metric_writing.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = dataset if dataset is not None else input_pipeline.load_dataset(config.data)
-    steps_per_epoch = len(data.train) // config.batch_size
-    total_steps = steps_per_epoch * config.num_epochs
-    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    config_checks.check_run_shape(config, len(data.train))
+    workdir_lib.store_config(config, workdir)  # every check has passed
+    return _Run(config, workdir, data).train()
 
-    torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
-    optimizer = make_optimizer(config, model)
-    scheduler = make_scheduler(config, optimizer, total_steps, warmup_steps)
-    generator = torch.Generator().manual_seed(config.seed)
-    num_params = sum(p.numel() for p in model.parameters())
-    ckpt_path = os.path.join(workdir, "torch_checkpoint.pt")
-    start_epoch, best_val, best_epoch, train_time = 0, -1.0, -1, 0.0
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["generator"])
-        start_epoch, best_val, best_epoch, train_time = (
-            ckpt["epoch"], ckpt["best_val"], ckpt["best_epoch"], ckpt["train_time"])
-        logging.info("Resumed the PyTorch twin from epoch %d.", start_epoch)
 
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    label_smoothing = float(config.label_smoothing)
-    record: Dict[str, Any] = {}
-    for epoch in range(start_epoch, config.num_epochs):
+class _Run:
+    def __init__(self, config, workdir: str, data: input_pipeline.Dataset):
+        self.config, self.workdir, self.data = config, workdir, data
+        self.device = _device()
+        set_precision(config.precision)
+        self.steps_per_epoch = len(data.train) // config.batch_size
+        self.total_steps = self.steps_per_epoch * config.num_epochs
+        self.warmup_steps = int(round(config.warmup_epochs * self.steps_per_epoch))
+        torch.manual_seed(config.seed)
+        self.model = build_model(config).to(self.device)
+        self.optimizer = make_optimizer(config, self.model)
+        self.scheduler = make_scheduler(config, self.optimizer, self.total_steps,
+                                        self.warmup_steps)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.checkpoint_path = os.path.join(workdir, "torch_checkpoint.pt")
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.epoch, self.best_val, self.best_epoch, self.train_time = 0, -1.0, 0, 0.0
+        self._restore()
+
+    def _restore(self):
+        if not os.path.exists(self.checkpoint_path):
+            return
+        ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(ckpt["model"])
+        if ckpt.get("optimizer_name") == self.config.optimizer:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        else:  # only under allow_config_change: the stored-config check refuses it otherwise
+            logging.warning("The optimizer changed from %s to %s: its state starts afresh.",
+                            ckpt.get("optimizer_name"), self.config.optimizer)
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._use_config_hyperparameters()
+        self.generator.set_state(ckpt["generator"])
+        self.epoch, self.best_val = ckpt["epoch"], ckpt["best_val"]
+        self.best_epoch, self.train_time = ckpt["best_epoch"], ckpt["train_time"]
+        workdir_lib.truncate_jsonl(self.metrics_path, self.epoch * self.steps_per_epoch)
+        logging.info("Resumed the PyTorch twin from epoch %d.", self.epoch)
+
+    def _use_config_hyperparameters(self):
+        """The config is the source of truth for learning rate, weight decay and momentum,
+        also on resume (they differ from the checkpoint's only under allow_config_change)."""
+        fresh = make_optimizer(self.config, self.model)
+        lr = self.config.learning_rate
+        multiplier = lr_multiplier(self.scheduler.last_epoch, self.total_steps,
+                                   self.warmup_steps)
+        for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
+            for key in ("weight_decay", "momentum", "nesterov"):
+                if key in new:
+                    group[key] = new[key]
+            group["initial_lr"], group["lr"] = lr, lr * multiplier
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+
+    def _train_epoch(self) -> Dict[str, Any]:
+        config, model = self.config, self.model
         model.train()
-        perm = torch.randperm(len(data.train), generator=generator).numpy()
+        perm = torch.randperm(len(self.data.train), generator=self.generator).numpy()
         t0 = time.perf_counter()
-        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        for i in range(steps_per_epoch):
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        seen = 0
+        for i in range(self.steps_per_epoch):
             idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
-            x = augment.augment(data.train.images[idx], config.data.augmentation, generator)
-            x = x.to(device, non_blocking=True)
-            y = torch.as_tensor(data.train.labels[idx], dtype=torch.long).to(device)
+            x = augment.augment(self.data.train.images[idx], config.data.augmentation,
+                                self.generator).to(self.device, non_blocking=True)
+            y = torch.as_tensor(self.data.train.labels[idx], dtype=torch.long).to(self.device)
             logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(logits, y,
+                                                     label_smoothing=float(config.label_smoothing))
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            self.optimizer.step()
+            self.scheduler.step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                  "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
-                  "learning_rate": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
-                  "images_per_sec": seen / epoch_time}
-        if data.val is not None:
-            v = evaluate(model, data.val, config.eval_batch_size, device)
-            record.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
-        metric = record.get("val_accuracy", record["train_accuracy"])
-        if metric > best_val:
-            best_val, best_epoch = metric, epoch
-            torch.save(model.state_dict(), os.path.join(workdir, "torch_best.pt"))
-        metric_writing.append_jsonl(metrics_path, record)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "epoch": epoch + 1, "best_val": best_val, "best_epoch": best_epoch,
-                    "train_time": train_time}, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
-        logging.info("[torch] epoch %d/%d  train loss %.4f acc %.2f%%  val acc %s  %.0f img/s",
-                     epoch + 1, config.num_epochs, record["train_loss"],
-                     100 * record["train_accuracy"],
-                     f"{100 * record['val_accuracy']:.2f}%" if "val_accuracy" in record else "-",
-                     record["images_per_sec"])
+        seconds = time.perf_counter() - t0
+        self.train_time += seconds
+        self.epoch += 1
+        return {"epoch": self.epoch, "step": self.epoch * self.steps_per_epoch,
+                "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
+                "learning_rate": self.optimizer.param_groups[0]["lr"], "epoch_time_s": seconds,
+                "images_per_sec": seen / seconds}
 
-    test = {"loss": None, "accuracy": None}
-    if config.get("evaluate_test", True):
-        test = evaluate(model, data.test, config.eval_batch_size, device)
-    result = {"status": "completed", "framework": "torch", "model": config.model,
-              "optimizer": config.optimizer, "learning_rate": config.learning_rate,
-              "weight_decay": config.weight_decay, "augmentation": config.data.augmentation,
-              "dropout_rate": dropout_rate_for(config), "seed": config.seed,
-              "num_params": num_params, "step": total_steps, "total_steps": total_steps,
-              "best_val_accuracy": best_val, "best_epoch": best_epoch + 1,
-              "final_val_accuracy": record.get("val_accuracy"),
-              "final_val_loss": record.get("val_loss"), "test_accuracy": test["accuracy"],
-              "test_loss": test["loss"], "train_time_s": train_time,
-              "images_per_sec": total_steps * config.batch_size / train_time if train_time else None,
-              "devices": f"1x {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"}
-    metric_writing.write_json_atomic(result_path, result)
-    logging.info("[torch] finished: best val accuracy %.2f%%, test accuracy %s", 100 * best_val,
-                 "not evaluated" if test["accuracy"] is None else f"{100 * test['accuracy']:.2f}%")
-    return result
+    def _save(self):
+        tmp = self.checkpoint_path + ".tmp"
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "generator": self.generator.get_state(), "epoch": self.epoch,
+                    "optimizer_name": self.config.optimizer,
+                    "best_val": self.best_val, "best_epoch": self.best_epoch,
+                    "train_time": self.train_time}, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def train(self) -> Dict[str, Any]:
+        config, record = self.config, {}
+        while self.epoch < config.num_epochs:
+            record = self._train_epoch()
+            if self.data.val is not None:
+                v = evaluate(self.model, self.data.val, config.eval_batch_size, self.device,
+                             config.tta_flip)
+                record.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
+            metric = record.get("val_accuracy", record["train_accuracy"])
+            if metric > self.best_val:
+                self.best_val, self.best_epoch = metric, self.epoch
+                torch.save(self.model.state_dict(), os.path.join(self.workdir, "torch_best.pt"))
+            workdir_lib.append_jsonl(self.metrics_path, record)
+            self._save()
+            logging.info("[torch] epoch %d/%d  train loss %.4f acc %.2f%%  val acc %s  "
+                         "%.0f img/s", self.epoch, config.num_epochs, record["train_loss"],
+                         100 * record["train_accuracy"],
+                         f"{100 * record['val_accuracy']:.2f}%" if "val_accuracy" in record
+                         else "-", record["images_per_sec"])
+        if not record:
+            records = workdir_lib.read_jsonl(self.metrics_path)
+            record = records[-1] if records else {}
+        test = {"loss": None, "accuracy": None}
+        if config.evaluate_test:
+            test = evaluate(self.model, self.data.test, config.eval_batch_size, self.device,
+                            config.tta_flip)
+        device = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        result = workdir_lib.result_record(
+            config, "completed", "torch", num_params=sum(p.numel() for p in self.model.parameters()),
+            step=self.total_steps, total_steps=self.total_steps, best_val_accuracy=self.best_val,
+            best_epoch=self.best_epoch, final_val_accuracy=record.get("val_accuracy"),
+            final_val_loss=record.get("val_loss"), test_accuracy=test["accuracy"],
+            test_loss=test["loss"], train_time_s=self.train_time,
+            images_per_sec=(self.total_steps * config.batch_size / self.train_time
+                            if self.train_time else None), devices=f"1x {device}")
+        workdir_lib.write_result(self.workdir, result)
+        logging.info("[torch] finished: best val accuracy %.2f%%, test accuracy %s",
+                     100 * self.best_val, "not evaluated" if test["accuracy"] is None
+                     else f"{100 * test['accuracy']:.2f}%")
+        return result
