@@ -25,6 +25,9 @@ flags.DEFINE_integer("shard_index", None, "Grid configs: this process's shard (d
                      "$SLURM_ARRAY_TASK_ID, else 0).")
 flags.DEFINE_integer("num_shards", None, "Grid configs: number of shards (default: "
                      "$SLURM_ARRAY_TASK_COUNT, else 1).")
+flags.DEFINE_string("selected_from", None, "Grid configs: run only the configuration that the "
+                    "report in this grid workdir selected per model (e.g. the PyTorch twin, or "
+                    "more seeds, on the JAX grid's winners).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,6 +59,12 @@ def main(argv):
     from cifar_jax import grid, trials  # after flag parsing: keeps --help fast
 
     config = FLAGS.config
+    if FLAGS.selected_from:
+        from cifar_jax import report
+
+        if "grid" not in config:
+            raise cli.UsageError("--selected_from needs a grid config (configs/grid.py).")
+        config = trials.restrict(config, report.selected_in(FLAGS.selected_from))
     if "grid" in config:
         expanded = trials.expand(config)
         if FLAGS.dry_run:

@@ -141,7 +141,7 @@ def _evaluate_test(workdir: str, config, row, dataset, engine) -> float:
         t = torch_train.evaluate_checkpoint(tc, directory, dataset.test)
     else:
         from cifar_jax import train
-        t = train.evaluate_checkpoint(tc, directory, dataset.test, engine)
+        t = train.evaluate_checkpoint(tc, directory, dataset.test, engine, len(dataset.train))
     result.update(selected=True, test_accuracy=t["accuracy"], test_loss=t["loss"])
     workdir_lib.write_result(directory, result)
     writer = metric_writing.create_writer(directory)
@@ -180,6 +180,16 @@ def best_configurations(workdir: str, config) -> Dict[str, Configuration]:
     open_models = {r["model"] for r in rows
                    if r["status"] in ("pending", "interrupted", "preempted", "running")}
     return {m: cs[0] for m, cs in configurations(rows).items() if m not in open_models}
+
+
+def selected_in(grid_workdir: str) -> Dict[str, Dict[str, Any]]:
+    """model -> the axis values of the configuration a finished grid's report selected."""
+    path = os.path.join(grid_workdir, "results.csv")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {grid_workdir!r} has no report yet.")
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["selected"] == "True"]
+    return {r["model"]: trials_lib.parse_name(r["name"]) for r in rows}
 
 
 def repeat_trials(config, best: Dict[str, Configuration]) -> List[Trial]:

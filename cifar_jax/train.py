@@ -243,10 +243,11 @@ def _log_start(pack: Pack) -> None:
     trials = (f"{len(pack.members)} trials" if len(pack.members) > 1
               else pack.members[0].name)
     logging.info("%s (%s): %s parameters on %d %s device(s); %d train / %d val / %d test "
-                 "images; %d steps per epoch, %d per dispatch", spec.model, trials,
+                 "images; %d steps per epoch, a host sync every %d (%s)", spec.model, trials,
                  f"{num_params:,}", spec.num_devices, jax.devices()[0].platform, len(ds.train),
                  len(ds.val) if ds.val else 0, len(ds.test), spec.steps_per_epoch,
-                 pack.members[0].config.log_every_steps)
+                 pack.members[0].config.log_every_steps,
+                 "in one on-device loop" if spec.device_loop else "one dispatch per step")
     if ds.val is None:
         logging.warning("config.data.val_size=0: validation is skipped; the best checkpoint "
                         "and model selection fall back to training accuracy.")
@@ -344,10 +345,10 @@ def _after_chunk(pack: Pack, epoch: int, eta: "metric_writing.Eta") -> None:
     if losses:
         eta.update(pack.step)
         spread = lambda xs, f: f(xs[0]) if len(xs) == 1 else f"{f(min(xs))}..{f(max(xs))}"  # noqa: E731
-        logging.info("step %d/%d (epoch %d/%d)  loss %s  acc %s  %.1f steps/s  eta %s",
-                     pack.step, pack.spec.total_steps, epoch + 1, pack.spec.num_epochs,
+        logging.info("step %d/%d (epoch %d/%d)  loss %s  acc %s  %s", pack.step,
+                     pack.spec.total_steps, epoch + 1, pack.spec.num_epochs,
                      spread(losses, "{:.4f}".format), spread(accs, lambda a: f"{100 * a:.2f}%"),
-                     eta.steps_per_sec, metric_writing.format_duration(eta.seconds_left()))
+                     eta.describe())
 
 
 def _diverge(member: Member, step: int, loss: float) -> None:
@@ -510,10 +511,15 @@ def _close(pack: Pack) -> None:
 
 
 def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split,
-                        engine: Optional[engine_lib.Engine] = None) -> Dict[str, float]:
-    """Loss and accuracy on `split` of a run's best weights (its best epoch)."""
+                        engine: Optional[engine_lib.Engine] = None,
+                        num_train: Optional[int] = None) -> Dict[str, float]:
+    """Loss and accuracy on `split` of a run's best weights (its best epoch).
+
+    `num_train` (the run's training-set size) lets `engine` reuse the run's own compiled
+    evaluation; any value evaluates correctly.
+    """
     engine = engine or engine_lib.Engine()
-    programs = engine.programs(engine_lib.static_spec(config, max(len(split), 1), 1,
+    programs = engine.programs(engine_lib.static_spec(config, num_train or len(split), 1,
                                                       jax.device_count()))
     state = jax.device_get(programs.init_state(config))
     ckpts = Checkpoints(workdir, config.checkpoint_max_to_keep)

@@ -161,6 +161,22 @@ def trial_config(config: ml_collections.ConfigDict, trial: Trial) -> ml_collecti
     return c
 
 
+def restrict(config: ml_collections.ConfigDict, selections: Dict[str, Dict[str, Any]]
+             ) -> ml_collections.ConfigDict:
+    """`config` with its grid narrowed to one configuration per model (`selections`: model ->
+    axis values, e.g. from another grid's report); the seeds axis stays the config's own."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.grid.models = ",".join(selections)
+        per_model = ml_collections.ConfigDict()
+        axes = {a.key: a for a in AXES}
+        for model, values in selections.items():
+            per_model[model] = {axes[k].grid_field: str(v) for k, v in values.items()
+                                if k != "seed"}
+        config.grid.per_model = per_model
+    return config
+
+
 def shard_of(trials: Sequence[Trial], shard_index: int, num_shards: int) -> List[Trial]:
     """Round-robin share of the trials: disjoint across shards, together all of them."""
     if num_shards < 1 or not 0 <= shard_index < num_shards:

@@ -20,7 +20,7 @@ def test_parameter_count(name):
     assert count == PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", ["alexnet", "mobilenetv2", "resnet18"])
+@pytest.mark.parametrize("name", ["alexnet", "resnet18"])  # MobileNetV2: the parity tests
 def test_output_shape_and_dtype(name):
     model = get_model(name)
     variables = _init(model)

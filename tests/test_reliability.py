@@ -85,10 +85,7 @@ def test_same_seed_gives_identical_metrics_in_two_processes(reference_run, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _metrics(tmp_path) == _metrics(reference_run)
     assert _result(tmp_path) == _result(reference_run)
-    # And a different seed really changes them.
-    other = tmp_path / "seed1"
-    assert _run_cli(other, "--config.seed=1").returncode == 0
-    assert _metrics(other) != _metrics(reference_run)
+    # (That a different seed changes them is checked in-process: test_engine.)
 
 
 @pytest.mark.parametrize("sig,times", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])

@@ -194,11 +194,19 @@ def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path):
         train.train_and_evaluate(tiny_config, str(blocker / "run"))
 
 
-def test_writer_without_tensorflow_falls_back_to_jsonl(tmp_path, monkeypatch):
-    from cifar_jax import tf_runtime
+def test_tensorboard_events_without_tensorflow(tmp_path, monkeypatch):
+    """Event files come from TensorBoard's own writer: no TensorFlow import (GPU boxes with
+    only JAX get events too); without TensorBoard, scalars.jsonl."""
+    writer = metric_writing.create_writer(str(tmp_path / "tb"))
+    writer.write_hparams({"model": "alexnet", "learning_rate": 0.1})
+    writer.write_scalars(3, {"train/loss": 1.5})
+    writer.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setattr(tf_runtime, "hide_gpus_from_tensorflow", lambda: False)
-    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 1.5)]
+    monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.record_writer", None)
     monkeypatch.setattr(metric_writing, "_warned", set())
     writer = metric_writing.create_writer(str(tmp_path))
     writer.write_scalars(3, {"train/loss": 1.5})
