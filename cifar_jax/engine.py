@@ -330,6 +330,10 @@ class Programs:
             states, progress = self._train_step(states, progress, images, labels, perms)
         return states, progress
 
+    def lowered_train_chunk(self, *args):
+        """The on-device chunk program, lowered for these arguments (for HLO inspection)."""
+        return self._train_loop.lower(*args)
+
     def evaluate(self, states, images, labels, mask, first_batch: int, num_batches: int):
         """Metrics of every trial over `num_batches` padded batches from `first_batch` on."""
         if self.spec.device_loop:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The study's grid as a SLURM array: each task runs a disjoint share of the trials in one shared
-# workdir (shards default to SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT). Rerun the same
-# array to resume: finished trials are skipped, interrupted ones resume from their checkpoints.
+# The study's grid as a SLURM array: each task works through its share of the trials in one
+# shared workdir (shards default to SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT). Tasks claim
+# each trial before running it (the trial's run lock), so shards only set the order: any number
+# of plain copies of the same command, one per GPU, also share the work without running a trial
+# twice. Rerun the same array to resume: finished trials are skipped, interrupted ones resume
+# from their checkpoints, and the last task to finish writes the complete report.
 #
 #   sbatch scripts/slurm_grid.sh                  # 8 tasks, one GPU each
 #   sbatch --array=0-15%4 scripts/slurm_grid.sh   # 16 shards, 4 at a time
@@ -23,4 +26,4 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(python
 cd "${SLURM_SUBMIT_DIR:-.}"
 # exec: the training process receives SLURM's SIGTERM itself.
 exec python3 -m cifar_jax.main --config configs/grid.py --workdir "$WORKDIR" "$@"
-# When every task is done: python3 -m cifar_jax.report --workdir "$WORKDIR"
+# Any time (e.g. while tasks still run): python3 -m cifar_jax.report --workdir "$WORKDIR"
