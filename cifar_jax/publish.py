@@ -83,14 +83,20 @@ def seeds_markdown(jax_sel, torch_sel) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_note(source: str) -> str:
+    if "jpeg" in source.lower():
+        return ("the JPEG quality-75 re-encoding of CIFAR-10, which runs slightly below the "
+                "original files")
+    return f"data source `{source}`"
+
+
 def results_section(out_rel: str, jax_sel, torch_sel, recipe_sel, bench_table: Optional[str],
-                    epochs: str) -> str:
+                    epochs: str, source: str) -> str:
     lines = [START, "## Results", "",
              f"Produced by this code (files in [`{out_rel}`]({out_rel}), commands and versions in "
-             f"[`REPRODUCE.md`]({out_rel}/REPRODUCE.md)). {epochs}-epoch trials on the JPEG "
-             "quality-75 re-encoding of CIFAR-10 (`../shared/data`), which runs slightly below "
-             "the original files; the study's figures are best validation accuracy after 10 "
-             "epochs on the original data.", "",
+             f"[`REPRODUCE.md`]({out_rel}/REPRODUCE.md)). {epochs}-epoch trials on "
+             f"{data_note(source)}; the study's figures are best validation accuracy after 10 "
+             "epochs on the original data. Mean ± std over seeds (n).", "",
              "| model | published best val (config) | ours, JAX: selected config | val | test "
              "| ours, PyTorch twin: val | test | selection agrees with the study |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -167,9 +173,11 @@ def main(argv):
         workdir_lib.write_text_atomic(os.path.join(out, "REPRODUCE.md"),
                                       reproduce_markdown(run_log))
     if FLAGS.readme:
-        epochs = jax_rows[0].get("num_epochs") or "10"
+        grid_config = workdir_lib.read_json(os.path.join(FLAGS.jax_grid, "grid_config.json")) or {}
+        epochs = str(grid_config.get("num_epochs", jax_rows[0].get("num_epochs") or "?"))
+        source = grid_config.get("data", {}).get("source", "?")
         section = results_section(os.path.relpath(out, os.path.dirname(os.path.abspath(
-            FLAGS.readme))), jax_sel, torch_sel, recipe_sel, bench_table, epochs)
+            FLAGS.readme))), jax_sel, torch_sel, recipe_sel, bench_table, epochs, source)
         with open(FLAGS.readme) as f:
             readme = f.read()
         workdir_lib.write_text_atomic(FLAGS.readme, replace_section(readme, section))

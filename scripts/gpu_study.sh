@@ -9,6 +9,8 @@
 #           (needs the study's results.csv under $RUNS/grid)
 #   recipe  configs/recipe.py: the beyond-the-study recipe, 3 seeds per model
 #   bench   the speed table: JAX variants and pack sizes against PyTorch's fastest settings
+#   profile why bfloat16 did not pay: ResNet-18's step in float32 and bfloat16, timed, with
+#           the compiled programs' op census (converts, layout copies, convolution types)
 #
 # Runs go to $RUNS (default .device/runs, ignored by git, so a later call can carry what it
 # needs). Everything a report needs, and nothing else (no checkpoints, no weights), is packed
@@ -83,13 +85,16 @@ case "$PHASE" in
       --pack_sizes "${PACK_SIZES:-1,4,8}" --precision tf32 \
       --torch_variants "${TORCH_VARIANTS:-eager,channels_last_amp,compile,reduce_overhead}" \
       --out "$OUT/bench.json" ;;
-  *) echo "unknown phase $PHASE (study, twin, recipe, bench)" >&2; exit 2 ;;
+  profile)
+    run profile python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \
+      --batch_size 128 --hlo_dir "$RUNS/profile" ;;
+  *) echo "unknown phase $PHASE (study, twin, recipe, bench, profile)" >&2; exit 2 ;;
 esac
 rc=$?
 # What the report needs: per trial result.json, metrics.jsonl, config.json; the report's files.
 (cd "$RUNS" && find . \( -name checkpoints -o -name best_weights -o -name xla_cache \) -prune \
    -o \( -name result.json -o -name metrics.jsonl -o -name config.json -o -name grid_config.json \
-   -o -name results.csv -o -name summary.md -o -name '*.png' \) -print \
+   -o -name results.csv -o -name summary.md -o -name '*.png' -o -name '*.hlo.txt' \) -print \
    | tar czf "$(cd - >/dev/null && cd "$OUT" && pwd)/results.tar.gz" -T -)
 echo "phase $PHASE: exit $rc; $(du -h "$OUT/results.tar.gz" | cut -f1) packed into $OUT/results.tar.gz"
 exit "$rc"

@@ -119,3 +119,32 @@ def test_report_reads_only_what_it_needs(tmp_path):
     (row,) = out["rows"]
     assert row["status"] == "unreadable" and "not valid JSON" in row["error"]
     assert (tmp_path / t.relpath / "result.json").read_text() == "{oops"  # left as it was
+
+
+def test_publish_writes_results_and_regenerates_the_readme_section(seeded_workdir, tmp_path):
+    import subprocess
+    import sys
+
+    c, workdir = seeded_workdir
+    report.write_report(workdir, c)
+    workdir_lib.write_json_atomic(os.path.join(workdir, "grid_config.json"), c.to_dict())
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\ntail\n")
+    run_log = tmp_path / "run_log.json"
+    run_log.write_text('{"commands": ["python -m cifar_jax.main ..."], "wall_times": {"study": '
+                       '123.4}, "versions": {"jax": "0.0"}, "device": "1x test"}')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_jax.publish", "--out", str(tmp_path / "results" / "r"),
+         "--jax_grid", workdir, "--run_log", str(run_log), "--readme", str(readme)],
+        cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "results" / "r"
+    assert {"results.csv", "summary.md", "seeds.md", "REPRODUCE.md", "plots"} <= set(
+        os.listdir(out))
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# x\n") and text.endswith("tail\n")
+    assert ("| alexnet | 74% (not recorded here) | sgd_lr0.01_wd1e-4_basic_do0.5 | "
+            "60.00% ± 1.00 (n=3) | 59.00% ± 1.00 (n=3) |") in text
+    assert "3-epoch trials on data source `tfds`" in text
+    assert "- study: 123 s" in (out / "REPRODUCE.md").read_text()
