@@ -75,13 +75,17 @@ class _Runner:
         self.failed: List[Trial] = []
         self.done = 0
         self.durations: List[float] = []
+        self._specs: Dict[Trial, Any] = {}
 
     def directory(self, trial: Trial) -> str:
         return os.path.join(self.workdir, trial.relpath)
 
     def _spec(self, trial: Trial):
-        return engine_lib.static_spec(trials_lib.trial_config(self.config, trial),
-                                      len(self.dataset.train))
+        """What a trial must share with its pack-mates (computed once per trial)."""
+        if trial not in self._specs:
+            self._specs[trial] = engine_lib.static_spec(
+                trials_lib.trial_config(self.config, trial), len(self.dataset.train))
+        return self._specs[trial]
 
     def claim_pack(self, queue: List[Trial]) -> List[tuple]:
         """Claims up to pack_size trials of one model, static structure and resume step."""

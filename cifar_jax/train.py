@@ -499,11 +499,16 @@ def _weights(state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _close(pack: Pack) -> None:
+    """Closes every trial's writer and checkpoints. Runs on the way out of an error too, so a
+    failure here is logged rather than raised over the error that is already on its way (saves
+    that matter were waited for, and their failures raised, before results were written)."""
     for m in pack.members:
-        if m.writer is not None:
-            m.writer.close()
-        if m.ckpts is not None:
-            m.ckpts.close()
+        for resource in (m.writer, m.ckpts):
+            try:
+                if resource is not None:
+                    resource.close()
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                logging.warning("%s: closing %s failed: %s", m.workdir, type(resource).__name__, e)
 
 
 # ----------------------------------------------------------------------------------------------
