@@ -7,15 +7,18 @@
 JAX variants: `steps` (one dispatch per step: the engine's CPU path and the pre-chunking
 engine), `loop` (a chunk of steps in one on-device loop), `loop_bf16` (the same in bfloat16);
 each at every pack size (K trials trained at once; images/s counts all K). PyTorch variants:
-`eager`, `channels_last`, `amp` (bfloat16 autocast), `channels_last_amp`, `compile`
-(torch.compile default), `max_autotune`, `reduce_overhead` (CUDA graphs); compile time apart.
+`eager`, `channels_last`, `amp` (bfloat16 autocast), `channels_last_amp`, and torch.compile
+(channels_last) as `compile` (default mode), `max_autotune`, `reduce_overhead` (CUDA graphs),
+each also with `_amp`; compile time apart. JAX float32 rows are compared with the fastest
+float32 PyTorch variant, bfloat16 rows with the fastest AMP one.
 Both sides time the full optimizer step (Adam, cosine schedule) on device-resident data, with
 the same `--precision` (TF32 or true float32), set explicitly on both and recorded.
 
 Per model the table gives train images/s, the first step's time (compilation included; JAX
-also warm, from the persistent compilation cache), eval images/s, peak device memory, and the
-projected wall time of the model's share of the study's grid (configs/grid.py). The JSON
-(`--out`) holds every number.
+also warm, from the persistent compilation cache), eval images/s, device memory (JAX: held
+while training, states and data included, as JAX keeps no per-program peak; PyTorch: peak
+allocated), and the projected wall time of the model's share of the study's grid
+(configs/grid.py). The JSON (`--out`) holds every number.
 """
 
 import json
@@ -39,7 +42,8 @@ flags.DEFINE_integer("windows", 5, "Timed chunks after the first; the median is 
 flags.DEFINE_list("jax_variants", ["steps", "loop"], "steps, loop, loop_bf16.")
 flags.DEFINE_list("pack_sizes", ["1"], "Trials per pack to time (JAX).")
 flags.DEFINE_list("torch_variants", ["eager"], "eager, channels_last, amp, channels_last_amp, "
-                  "compile, max_autotune, reduce_overhead.")
+                  "compile, max_autotune, reduce_overhead (float32, channels_last), and each "
+                  "of the compiled three with _amp (bfloat16 autocast).")
 flags.DEFINE_enum("precision", "default", ["default", "tf32", "highest"],
                   "float32 matmul/convolution precision, set on both sides.")
 flags.DEFINE_bool("efficiency", False, "Also measure the study's efficiency table (JAX): "
@@ -48,14 +52,15 @@ flags.DEFINE_string("out", None, "Write the full results as JSON here (default: 
 
 JAX_VARIANTS = {"steps": ("float32", "host"), "loop": ("float32", "device"),
                 "loop_bf16": ("bfloat16", "device")}
-TORCH_VARIANTS = {  # (channels_last, amp, torch.compile mode or None)
+TORCH_VARIANTS = {  # (channels_last, amp (bf16 autocast), torch.compile mode or None)
     "eager": (False, False, None), "channels_last": (True, False, None),
     "amp": (False, True, None), "channels_last_amp": (True, True, None),
-    "compile": (True, True, "default"), "max_autotune": (True, True, "max-autotune"),
-    "reduce_overhead": (True, True, "reduce-overhead")}
-# The study's grid per model (configs/grid.py): trials, and images per trial.
-GRID_TRIALS = {"resnet18": 16, "alexnet": 32, "mobilenetv2": 16}
-TRAIN_IMAGES, VAL_IMAGES, EPOCHS = 45_000, 5_000, 10
+    "compile": (True, False, "default"), "compile_amp": (True, True, "default"),
+    "max_autotune": (True, False, "max-autotune"),
+    "max_autotune_amp": (True, True, "max-autotune"),
+    "reduce_overhead": (True, False, "reduce-overhead"),
+    "reduce_overhead_amp": (True, True, "reduce-overhead")}
+CIFAR10_TRAIN_IMAGES = 50_000  # before the validation split
 
 
 def count_macs(fn, *args) -> int:
@@ -153,12 +158,12 @@ def bench_jax(model: str, variant: str, pack_size: int, precision: str) -> Dict[
     engine_lib.evaluate(programs, states, eval_data, "x")
     eval_rate = _median_rate(lambda: engine_lib.evaluate(programs, states, eval_data, "x"),
                              pack_size * len(split), max(3, FLAGS.windows))
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.devices()[0].memory_stats() or {}  # None on the CPU
     return {"framework": "jax", "model": model, "variant": variant, "dtype": dtype,
             "precision": precision, "pack_size": pack_size, "train_images_per_s": rate,
             "first_step_cold_s": cold, "first_step_warm_s": warm,
             "eval_images_per_s": eval_rate,
-            "peak_memory_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
+            "memory_mb": stats.get("bytes_in_use", 0) / 2**20 or None,
             "device": jax.devices()[0].device_kind}
 
 
@@ -221,18 +226,31 @@ def bench_torch(model: str, variant: str, precision: str) -> Dict[str, Any]:
             "dtype": "bfloat16-amp" if amp else "float32", "precision": precision,
             "pack_size": 1, "train_images_per_s": rate, "first_step_cold_s": first,
             "first_step_warm_s": None, "eval_images_per_s": eval_rate,
-            "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20
-                               if device.type == "cuda" else None),
+            "memory_mb": (torch.cuda.max_memory_allocated() / 2**20
+                          if device.type == "cuda" else None),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
 
-def projected_grid_seconds(row: Dict[str, Any]) -> float:
-    """The model's share of the study's grid at this row's speed: packs of K trials, each 10
-    epochs of 45,000 training and 5,000 validation images, plus one compile."""
-    trials = GRID_TRIALS.get(row["model"], 16)
+def study_shape() -> Dict[str, Any]:
+    """From configs/grid.py: trials per model, epochs, training and validation images."""
+    import collections
+
+    from cifar_jax import trials
+    from configs import grid
+
+    config = grid.get_config()
+    return {"trials": collections.Counter(t.model for t in trials.expand(config)),
+            "epochs": config.num_epochs, "val": config.data.val_size,
+            "train": CIFAR10_TRAIN_IMAGES - config.data.val_size}
+
+
+def projected_grid_seconds(row: Dict[str, Any], study: Dict[str, Any]) -> float:
+    """The model's share of the study's grid at this row's speed: packs of K trials, each
+    training and validating every epoch, plus one compile."""
+    trials = study["trials"].get(row["model"], 16)
     packs = -(-trials // row["pack_size"])
-    per_pack = EPOCHS * (row["pack_size"] * TRAIN_IMAGES / row["train_images_per_s"] +
-                         row["pack_size"] * VAL_IMAGES / row["eval_images_per_s"])
+    per_pack = study["epochs"] * row["pack_size"] * (
+        study["train"] / row["train_images_per_s"] + study["val"] / row["eval_images_per_s"])
     return row["first_step_cold_s"] + packs * per_pack
 
 
@@ -294,29 +312,35 @@ def efficiency_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _kind(row: Dict[str, Any]) -> str:
+    return "bf16" if "bfloat16" in row["dtype"] else "f32"
+
+
 def markdown_table(rows: List[Dict[str, Any]], info: Dict[str, Dict[str, Any]]) -> str:
-    fastest_torch = {}
+    study = study_shape()
+    fastest_torch: Dict[tuple, float] = {}
     for r in rows:
         if r["framework"] == "torch":
-            fastest_torch[r["model"]] = max(fastest_torch.get(r["model"], 0),
-                                            r["train_images_per_s"])
+            key = (r["model"], _kind(r))
+            fastest_torch[key] = max(fastest_torch.get(key, 0), r["train_images_per_s"])
     lines = ["| model | params | MACs/image | framework | variant | pack | precision | train "
-             "img/s | vs fastest PyTorch | first step s (cold / warm) | eval img/s | peak MB "
-             "| projected grid share |",
+             "img/s | vs fastest PyTorch of its dtype | first step s (cold / warm) | eval img/s "
+             "| device MB | projected grid share |",
              "| --- | ---: | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: "
              "| ---: |"]
     for r in rows:
         m = info[r["model"]]
-        ratio = (f"{r['train_images_per_s'] / fastest_torch[r['model']]:.2f}x"
-                 if r["framework"] == "jax" and r["model"] in fastest_torch else "")
+        fastest = fastest_torch.get((r["model"], _kind(r)))
+        ratio = (f"{r['train_images_per_s'] / fastest:.2f}x"
+                 if r["framework"] == "jax" and fastest else "")
         warm = "" if r["first_step_warm_s"] is None else f" / {r['first_step_warm_s']:.1f}"
-        mem = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "n/a"
+        mem = f"{r['memory_mb']:.0f}" if r.get("memory_mb") else "n/a"
         lines.append(
             f"| {r['model']} | {m['params']:,} | {m['macs_per_image'] / 1e6:.1f}M | "
             f"{r['framework']} | {r['variant']} | {r['pack_size']} | {r['precision']} | "
             f"{r['train_images_per_s']:,.0f} | {ratio} | {r['first_step_cold_s']:.1f}{warm} | "
             f"{r['eval_images_per_s']:,.0f} | {mem} | "
-            f"{projected_grid_seconds(r) / 60:.1f} min |")
+            f"{projected_grid_seconds(r, study) / 60:.1f} min |")
     return "\n".join(lines)
 
 

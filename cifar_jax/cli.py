@@ -4,7 +4,8 @@
 - A bad flag or a misspelt config field prints one line, with the suggestion where there is
   one, and exits 2 before anything is loaded.
 - A known error (bad config, data or workdir) prints one line `error: ...` and exits 2; a
-  non-finite loss exits 3, a pre-emption 143, a second interrupt 130. Each is printed once.
+  non-finite loss exits 3, a pre-emption (SIGTERM, or Ctrl-C while training) 143, Ctrl-C
+  outside training (e.g. while the data loads) 130. Each is printed once.
 - Library chatter (TensorFlow's C++ start-up lines, the TPU probe, orbax's per-save lines) is
   kept out of the log; warnings still show.
 """

@@ -4,8 +4,9 @@ Everything here is written for one trial and then packed: `pack` vmaps a per-tri
 over a leading trial axis (K > 1) or squeezes that axis away (K = 1, so a single run compiles to
 the plain, unbatched program). What differs between the trials of one model is data: the
 optimizer kind, learning rate and weight decay live in the optimizer state, the dropout rate,
-label smoothing, augmentation and EMA decay in `state.hyper`, the seed in `state.rng`. So one
-model compiles once, whatever the grid sweeps; `StaticSpec` is what does require a compile.
+label smoothing, augmentation and EMA decay in `state.hyper`, the seed in `state.rng`. So the
+study's grid compiles once per model; what does require a compile is `StaticSpec` (e.g. the
+warm-up length, EMA on or off, the pack size).
 
 A chunk of steps runs as one `fori_loop` inside one dispatch, with the metrics accumulated on
 the device and a trial frozen at its last finite state when its loss stops being finite.
@@ -199,7 +200,7 @@ def guarded_step(state: TrainState, progress: Progress, images, labels, perm, **
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), progress
 
 
-def train_chunk(state, progress, images, labels, perm, num_steps, **kwargs):
+def train_loop(state, progress, images, labels, perm, num_steps, **kwargs):
     """`num_steps` guarded steps in one loop (the count is data: one compile for any chunk)."""
     progress = progress.replace(chunk=Metrics.empty())
 
@@ -298,7 +299,7 @@ class Programs:
 
         train_args = (0, 0, None, None, 0)  # states, progress, images, labels, perms
         if spec.device_loop:
-            chunk = functools.partial(train_chunk, spec=spec, sharding=batch)
+            chunk = functools.partial(train_loop, spec=spec, sharding=batch)
             self._train_loop = jax.jit(traced(pack(chunk, K, train_args + (None,)), "train"),
                                        donate_argnums=(0, 1), out_shardings=self.replicated)
         else:

@@ -55,10 +55,13 @@ def _validate(config, trials: Sequence[Trial]) -> None:
     if not isinstance(config.grid.pack_size, int) or config.grid.pack_size < 0:
         raise config_checks.ConfigError(f"config.grid.pack_size={config.grid.pack_size!r} is "
                                         "not valid; expected 0 (automatic) or a positive integer.")
+    trials_lib.repeat_seeds(config)  # refuses a malformed value now, not after the grid
+    # The twin runs on one device; asking JAX for its devices would start its GPU backend.
+    devices = 1 if config.framework == "torch" else jax.device_count()
     errors = {}
     for t in trials:
         try:
-            config_checks.validate_config(trials_lib.trial_config(config, t), jax.device_count())
+            config_checks.validate_config(trials_lib.trial_config(config, t), devices)
         except config_checks.ConfigError as e:
             errors.setdefault(str(e), []).append(t.name)
     if errors:
@@ -98,8 +101,12 @@ class _Runner:
                         or latest_step_on_disk(self.directory(trial))
                         != latest_step_on_disk(self.directory(first))):
                     continue
-            lock = trials_lib.claim(self.workdir, trial)
             queue.remove(trial)
+            try:
+                lock = trials_lib.claim(self.workdir, trial)
+            except workdir_lib.WorkdirError as e:  # a lock this host cannot judge
+                logging.warning("Grid: skipping %s/%s: %s", trial.model, trial.name, e)
+                continue
             if lock is None:
                 logging.info("Grid: %s/%s is being run by another process; skipping it.",
                              trial.model, trial.name)
@@ -128,35 +135,40 @@ class _Runner:
         self.durations.append((time.perf_counter() - t0) / len(pack))
 
     def _train(self, pack: List[Trial]) -> None:
-        configs = [trials_lib.trial_config(self.config, t) for t in pack]
         try:
-            if configs[0].framework == "torch":
-                from cifar_jax.torch_twin import train as torch_train  # optional extra
-                results = [torch_train.train_locked(c, self.directory(t), self.dataset)
-                           for c, t in zip(configs, pack)]
-            else:
-                results = train.train_pack(configs, [self.directory(t) for t in pack],
-                                           self.dataset, self.engine)
+            results = self._run(pack)
         except (train.Preempted, KeyboardInterrupt):
             raise  # the whole grid stops; rerunning resumes these trials
         except Exception as e:  # isolation: record and go on
-            if _out_of_memory(e) and len(pack) > 1:
-                half = len(pack) // 2
-                logging.warning("Grid: a pack of %d %s trials ran out of device memory; "
-                                "retrying as packs of %d and %d.", len(pack), pack[0].model,
-                                half, len(pack) - half)
-                self._train(pack[:half])
-                self._train(pack[half:])
+            if not (_out_of_memory(e) and len(pack) > 1):
+                logging.error("Grid: %s failed: %s: %s", ", ".join(t.name for t in pack),
+                              type(e).__name__, e)
+                self._fail(pack, f"{type(e).__name__}: {e}")
                 return
-            logging.error("Grid: %s failed: %s: %s", ", ".join(t.name for t in pack),
-                          type(e).__name__, e)
-            self._fail(pack, f"{type(e).__name__}: {e}")
+            results = None  # retried below, outside this block: the failed pack's device
+            # buffers are released with the exception, before the halves allocate theirs
+        if results is None:
+            half = len(pack) // 2
+            logging.warning("Grid: a pack of %d %s trials ran out of device memory; retrying "
+                            "as packs of %d and %d.", len(pack), pack[0].model, half,
+                            len(pack) - half)
+            self._train(pack[:half])
+            self._train(pack[half:])
             return
         for t, r in zip(pack, results):
             if r["status"] == "completed":
                 self.done += 1
             else:
                 self.failed.append(t)
+
+    def _run(self, pack: List[Trial]) -> List[Dict[str, Any]]:
+        configs = [trials_lib.trial_config(self.config, t) for t in pack]
+        if configs[0].framework == "torch":
+            from cifar_jax.torch_twin import train as torch_train  # optional extra
+            return [torch_train.train_locked(c, self.directory(t), self.dataset)
+                    for c, t in zip(configs, pack)]
+        return train.train_pack(configs, [self.directory(t) for t in pack], self.dataset,
+                                self.engine)
 
     def _fail(self, pack: Sequence[Trial], error: str, write: bool = True) -> None:
         self.failed.extend(pack)
@@ -170,18 +182,42 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def _record_failure(trial_dir: str, trial: Trial, error: str) -> None:
-    """Marks a trial failed in its own result.json (a diverged one stays diverged)."""
+    """Marks a trial failed in its own result.json (a diverged one stays diverged, and a
+    pack-mate that completed before the failure stays completed)."""
     try:
         result = workdir_lib.read_result(trial_dir) or {}
     except workdir_lib.WorkdirError:
         return  # unreadable: left for the user, as the error says
-    if trials_lib.mismatch(trial, result):
+    if trials_lib.mismatch(trial, result) or result.get("status") == "completed":
         return
     if result.get("status") != "diverged":
         result["status"] = "failed"
     result.update(trial.hyperparameters(), error=error)
     os.makedirs(trial_dir, exist_ok=True)
     workdir_lib.write_result(trial_dir, result)
+
+
+def _check_finished(config, workdir: str, trials: Sequence[Trial]) -> None:
+    """Refuses a grid workdir whose finished trials ran with a different config (another
+    number of epochs, batch size, data, ...): their results would be reported as this grid's."""
+    problems = []
+    for t in trials:
+        directory = os.path.join(workdir, t.relpath)
+        if trials_lib.trial_status(workdir, t) not in ("completed", "diverged"):
+            continue
+        stored = workdir_lib.read_json(os.path.join(directory, "config.json")) or {}
+        diffs = config_checks.result_changing_differences(stored, trials_lib.trial_config(
+            config, t)) if stored else []
+        if diffs:
+            problems.append(f"{t.relpath}: {'; '.join(diffs)}")
+    if problems and not config.allow_config_change:
+        raise config_checks.ConfigError(
+            f"{workdir!r} holds {len(problems)} finished trials run with a different config:\n  "
+            + "\n  ".join(problems[:5]) + ("\n  ..." if len(problems) > 5 else "") +
+            "\nUse a new --workdir, or --config.allow_config_change=true to keep their results.")
+    if problems:
+        logging.warning("Keeping %d finished trials run with a different config "
+                        "(allow_config_change=true).", len(problems))
 
 
 def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int = 0,
@@ -202,11 +238,15 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
     engine = engine or engine_lib.Engine()
     runner = _Runner(config, workdir, dataset, engine)
 
+    _check_finished(config, workdir, all_trials)
     finished = {"completed", "diverged"}
-    queue = [t for t in mine if trials_lib.trial_status(workdir, t) not in finished]
-    logging.info("Grid: %d trials in all, %d in this share (shard %d of %d), %d already "
-                 "finished, %d to run.", len(all_trials), len(mine), shard_index, num_shards,
-                 len(mine) - len(queue), len(queue))
+    # This shard's trials first, then the others: a process that finishes its share helps
+    # with what is left (claims keep any trial from running twice).
+    ordered = mine + [t for t in all_trials if t not in mine]
+    queue = [t for t in ordered if trials_lib.trial_status(workdir, t) not in finished]
+    logging.info("Grid: %d trials in all, %d in this shard (shard %d of %d, run first), %d "
+                 "already finished, %d to run.", len(all_trials), len(mine), shard_index,
+                 num_shards, len(all_trials) - len(queue), len(queue))
     _work_through(runner, queue, config)
     if config.grid.repeat_selected_seeds:
         _run_repeats(runner, config, workdir, mine)

@@ -77,18 +77,13 @@ class JsonlWriter:
         pass
 
 
-_warned = set()
-
-
 def create_writer(workdir: str):
     """A TensorBoard writer for `workdir`, or the JSON-lines fallback without TensorBoard."""
     try:
         return TensorBoardWriter(workdir)
     except ImportError as e:
-        if "tensorboard" not in _warned:
-            _warned.add("tensorboard")
-            logging.warning("TensorBoard is not installed (%s): scalars go to scalars.jsonl in "
-                            "each run directory instead of event files.", e)
+        logging.log_first_n(logging.WARNING, "TensorBoard is not installed (%s): scalars go to "
+                            "scalars.jsonl in each run directory instead of event files.", 1, e)
         return JsonlWriter(workdir)
 
 

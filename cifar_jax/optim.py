@@ -5,8 +5,6 @@ injected hyperparameters (`optax.inject_hyperparams`): they live in the optimize
 so every trial of a model reuses one compiled train step.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -74,11 +72,10 @@ def _by_kind(kind, weight_decay, mask, momentum: float, nesterov: bool):
     return optax.GradientTransformation(adam.init, update)
 
 
-@functools.lru_cache(maxsize=None)
 def make_optimizer(total_steps: int, warmup_steps: int = 0, momentum: float = 0.9,
                    nesterov: bool = False, decay_bn_and_bias: bool = True):
     """An optax transformation with injected `optimizer` (index), `learning_rate` and
-    `weight_decay`; set them with `with_hyperparams`. Cached per static structure."""
+    `weight_decay`; set them with `with_hyperparams`."""
     schedule = unit_schedule(total_steps, warmup_steps)
     mask = None if decay_bn_and_bias else _kernels_only
 

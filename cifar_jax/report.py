@@ -165,11 +165,17 @@ def _mark_selected(workdir, config, rows, selected: Dict[str, List[Dict[str, Any
                 continue  # evaluated by an earlier report
             if dataset is None:
                 dataset = input_pipeline.load_dataset(config.data)
-            r["test_accuracy"] = _evaluate_test(workdir, config, r, dataset, engine)
-            r["selected"] = True
+            try:
+                r["test_accuracy"] = _evaluate_test(workdir, config, r, dataset, engine)
+                r["selected"] = True
+            except Exception as e:  # noqa: BLE001 - one trial's files must not sink the report
+                r["error"] = f"test evaluation failed: {type(e).__name__}: {e}"
+                logging.error("%s/%s: %s", r["model"], r["name"], r["error"])
         elif r["selected"]:
             result = workdir_lib.read_result(directory)
             result["selected"] = False
+            result.pop("test_accuracy", None)  # the test split is for selected trials only
+            result.pop("test_loss", None)
             workdir_lib.write_result(directory, result)
             r["selected"], r["test_accuracy"] = False, None
 
@@ -178,7 +184,7 @@ def best_configurations(workdir: str, config) -> Dict[str, Configuration]:
     """Per model whose grid trials have all finished, its selected configuration."""
     rows = collect(workdir, trials_lib.expand(config))
     open_models = {r["model"] for r in rows
-                   if r["status"] in ("pending", "interrupted", "preempted", "running")}
+                   if r["status"] in ("pending", "interrupted", "preempted")}
     return {m: cs[0] for m, cs in configurations(rows).items() if m not in open_models}
 
 
@@ -193,16 +199,18 @@ def selected_in(grid_workdir: str) -> Dict[str, Dict[str, Any]]:
 
 
 def repeat_trials(config, best: Dict[str, Configuration]) -> List[Trial]:
-    """The selected configuration of each model with the seeds of grid.repeat_selected_seeds."""
-    text = config.grid.get("repeat_selected_seeds") or ""
-    seeds = [int(s) for s in str(text).split(",") if s.strip()]
-    out, index = [], len(trials_lib.expand(config))
+    """The selected configuration of each model with grid.repeat_selected_seeds (those not
+    already among the grid's own trials)."""
+    grid_trials = trials_lib.expand(config)
+    known = {(t.model, t.values) for t in grid_trials}
+    out: List[Trial] = []
     for c in best.values():
         base = c.rows[0]["trial"]
-        for seed in seeds:
+        for seed in trials_lib.repeat_seeds(config):
             values = tuple((k, seed if k == "seed" else v) for k, v in base.values)
-            if values != base.values and all(t.values != values for t in out):
-                out.append(Trial(index + len(out), base.model, values))
+            if (base.model, values) not in known:
+                known.add((base.model, values))
+                out.append(Trial(len(grid_trials) + len(out), base.model, values))
     return out
 
 
@@ -221,15 +229,27 @@ def _pct_std(values: Sequence[float]) -> str:
     return f"{100 * mean:.2f}%" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
-def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
-                     num_epochs: int) -> str:
-    note = ("" if num_epochs == PUBLISHED_EPOCHS else
-            f" This grid ran {num_epochs} epoch{'s' if num_epochs != 1 else ''} per trial, not "
-            f"{PUBLISHED_EPOCHS}: its accuracies are not comparable with the published ones.")
+def epochs_text(rows) -> str:
+    """How long the finished trials trained, as the summary states it."""
+    epochs = sorted({int(r["num_epochs"]) for r in rows
+                     if r["status"] == "completed" and r.get("num_epochs") is not None})
+    if not epochs:
+        return "No trial has finished yet."
+    if len(epochs) > 1:
+        return (f"The finished trials trained for **different numbers of epochs** "
+                f"({', '.join(map(str, epochs))}): compare them with care.")
+    note = ("" if epochs[0] == PUBLISHED_EPOCHS else
+            f" That is not the study's {PUBLISHED_EPOCHS}: these accuracies are not comparable "
+            "with the published ones.")
+    return f"Every trial trained for **{epochs[0]} epochs**.{note}"
+
+
+def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up) -> str:
     lines = ["# Summary of best hyperparameters", "",
-             f"Every trial trained for **{num_epochs} epochs**. The published figures are the "
-             f"study's best validation accuracy after {PUBLISHED_EPOCHS} epochs.{note} "
-             "Accuracies are mean ± standard deviation over seeds where there are several.", "",
+             f"{epochs_text(rows)} The published figures are the study's best validation "
+             f"accuracy after {PUBLISHED_EPOCHS} epochs. Accuracies are mean ± standard "
+             "deviation over seeds where there are several; with data.val_size=0 the 'val' "
+             "figures are training accuracy.", "",
              "| model | optimizer | lr | weight decay | augmentation | dropout | seeds | best val "
              f"acc | test acc | published best val acc ({PUBLISHED_EPOCHS} epochs) |",
              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -241,13 +261,14 @@ def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
             f"{len(sel)} | {_pct_std([s['best_val_accuracy'] for s in sel])} | "
             f"{_pct_std([s['test_accuracy'] for s in sel])} | "
             f"{_pct(PUBLISHED_BEST_VAL.get(model))} |")
-    lines += ["", "Selection margin (on the grid's seeds):", ""]
+    lines += ["", "Selection margin (means over the grid's seeds; the noise from every seed run "
+              "of the selected configuration and the runner-up):", ""]
     for model, c in best.items():
         seeds = [s["best_val_accuracy"] for s in selected[model]]
         lines.append(f"- {model}: {c.name} {margin_text(c, runner_up.get(model), seeds)}.")
     counts = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
     lines += ["", "Trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), ""]
-    lines += _effects_markdown(rows)
+    lines += _effects_markdown([r for r in rows if not r.get("repeat")])
     return "\n".join(lines) + "\n"
 
 
@@ -289,14 +310,14 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
         best_list = configurations(rows)
         best = {m: cs[0] for m, cs in best_list.items()}
         runner_up = {m: cs[1] for m, cs in best_list.items() if len(cs) > 1}
-        rows += collect(workdir, repeat_trials(config, best))
+        rows += [dict(r, repeat=True) for r in collect(workdir, repeat_trials(config, best))]
         selected = {m: [r for r in rows if r["status"] == "completed" and r["model"] == m
                         and r["trial"].config_name == c.name] for m, c in best.items()}
         _mark_selected(workdir, config, rows, selected, dataset, engine)
         _write_csv(os.path.join(workdir, "results.csv"), rows)
         workdir_lib.write_text_atomic(
             os.path.join(workdir, "summary.md"),
-            summary_markdown(rows, best, selected, runner_up, config.num_epochs))
+            summary_markdown(rows, best, selected, runner_up))
         plots.write_plots(workdir, rows, best, selected, config.grid.default_trial)
     finally:
         lock.release()

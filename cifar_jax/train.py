@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cifar_jax import config_checks, engine as engine_lib, input_pipeline, metric_writing, optim
-from cifar_jax import workdir as workdir_lib
+from cifar_jax import (checkpointing, config_checks, engine as engine_lib, input_pipeline,
+                       metric_writing, optim, workdir as workdir_lib)
 from cifar_jax.checkpointing import Checkpoints
 from cifar_jax.engine import Metrics, Progress, TrainState
 
@@ -87,6 +87,10 @@ class Pack:
     def index(self, member: Member) -> int:
         return self.members.index(member)
 
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract.params))
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Optional[input_pipeline.Dataset] = None,
@@ -143,15 +147,32 @@ def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
 
 
 def _check_member(member: Member) -> None:
-    """What can be checked before the data is read; sets `result` for a finished run."""
+    """What can be checked before the data is read; sets `result` for a finished run (a
+    completed one, or a diverged one rerun with the same config: it would diverge again)."""
     workdir_lib.ensure_writable(member.workdir)
     previous = workdir_lib.read_result(member.workdir)
-    workdir_lib.check_stored_config(member.config, member.workdir)
-    workdir_lib.read_jsonl(member.metrics_path)  # drops a partial last line, refuses damage
-    if previous and previous.get("status") == "completed":
-        logging.info("Run in %s already finished (best val accuracy %.2f%%).", member.workdir,
-                     100 * previous.get("best_val_accuracy", float("nan")))
-        member.status, member.result = "completed", previous
+    changed = workdir_lib.check_stored_config(member.config, member.workdir)
+    workdir_lib.read_jsonl(member.metrics_path, repair=True)  # we hold the lock
+    checkpointing.check_layout(os.path.join(member.workdir, "checkpoints"))
+    status = (previous or {}).get("status")
+    if status == "completed" or (status == "diverged" and not changed):
+        logging.info("Run in %s already finished: %s.", member.workdir, status)
+        member.status, member.result = status, previous
+
+
+def _check_pack(members: List[Member], num_train: int) -> engine_lib.StaticSpec:
+    """The pack's one static structure; refuses members that cannot train together."""
+    for m in members:
+        config_checks.check_run_shape(m.config, num_train)
+    specs = {engine_lib.static_spec(m.config, num_train, len(members), jax.device_count())
+             for m in members}
+    pack_level = {(m.config.log_every_steps, m.config.evaluate_test) for m in members}
+    if len(specs) != 1 or len(pack_level) != 1:
+        raise config_checks.ConfigError(
+            "These trials cannot train as one pack: they differ in fields that shape the "
+            "compiled program or the loop (engine.StaticSpec, log_every_steps, evaluate_test): "
+            f"{', '.join(m.workdir for m in members)}.")
+    return specs.pop()
 
 
 def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optional[Pack]:
@@ -163,33 +184,34 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
     config = running[0].config
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.data)
-    for m in running:
-        config_checks.check_run_shape(m.config, len(dataset.train))
-    specs = {engine_lib.static_spec(m.config, len(dataset.train), len(running),
-                                     jax.device_count()) for m in running}
-    if len(specs) != 1:
-        raise ValueError(f"A pack needs one static structure; got {len(specs)}: {specs}")
-    programs = engine.programs(specs.pop())
-    # Every check has passed: from here on the workdirs are written.
-    for m in running:
-        workdir_lib.store_config(m.config, m.workdir)
-        m.ckpts = Checkpoints(m.workdir, m.config.checkpoint_max_to_keep)
+    programs = engine.programs(_check_pack(running, len(dataset.train)))
     abstract = jax.eval_shape(lambda: programs.init_state(config))
-    states, epoch_metrics, step = _restore_or_init(running, programs, abstract)
-    progress = engine_lib.stack([Progress.empty()] * len(running)).replace(epoch=epoch_metrics)
-    pack = Pack(members=running, programs=programs, states=programs.to_device(states),
-                progress=programs.to_device(progress), step=step, dataset=dataset,
-                images=programs.to_device(dataset.train.images),
-                labels=programs.to_device(dataset.train.labels),
-                eval_data=engine_lib.put_eval_splits(
-                    {"val": dataset.val, "test": dataset.test} if dataset.val else
-                    {"test": dataset.test}, config.eval_batch_size, programs),
-                abstract=abstract)
-    for m in running:
-        m.writer = metric_writing.create_writer(m.workdir)
-        if step == 0:
-            m.writer.write_hparams({k: v for k, v in config_checks.flatten(m.config).items()
-                                    if isinstance(v, (int, float, str, bool))})
+    try:
+        for m in running:
+            m.ckpts = Checkpoints(m.workdir, m.config.checkpoint_max_to_keep)
+        states, epoch_metrics, step = _restore_or_init(running, programs, abstract)
+        # Every check has passed: from here on the workdirs are written.
+        for m in running:
+            workdir_lib.store_config(m.config, m.workdir)
+            workdir_lib.truncate_jsonl(m.metrics_path, max_step=step)
+            m.writer = metric_writing.create_writer(m.workdir)
+            if step == 0:
+                m.writer.write_hparams({k: v for k, v in config_checks.flatten(m.config).items()
+                                        if isinstance(v, (int, float, str, bool))})
+        progress = engine_lib.stack([Progress.empty()] * len(running)).replace(epoch=epoch_metrics)
+        splits = {"val": dataset.val, "test": dataset.test} if dataset.val else {
+            "test": dataset.test}
+        pack = Pack(members=running, programs=programs, states=programs.to_device(states),
+                    progress=programs.to_device(progress), step=step, dataset=dataset,
+                    images=programs.to_device(dataset.train.images),
+                    labels=programs.to_device(dataset.train.labels),
+                    eval_data=engine_lib.put_eval_splits(splits, config.eval_batch_size,
+                                                         programs),
+                    abstract=abstract)
+    except BaseException:
+        for m in running:
+            _close_member(m)
+        raise
     _log_start(pack)
     return pack
 
@@ -199,6 +221,11 @@ def _checkpoint_tree(state, epoch_metrics) -> Dict[str, Any]:
             "epoch_metrics": flax.serialization.to_state_dict(epoch_metrics)}
 
 
+def _restore_template(abstract: TrainState) -> Dict[str, Any]:
+    """A checkpoint's structure, shapes and dtypes (nothing allocated)."""
+    return _checkpoint_tree(abstract, jax.eval_shape(Metrics.empty))
+
+
 def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstract):
     """Each member's state, from its latest checkpoint or fresh; all at one common step.
 
@@ -206,14 +233,16 @@ def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstr
     damaged checkpoint one may fall back further, and the others then go back to that step
     too (their metrics after it are dropped and retrained, to the same values).
     """
-    template = _checkpoint_tree(abstract, jax.eval_shape(Metrics.empty))
+    template = _restore_template(abstract)
     restored = [m.ckpts.restore_latest(template) for m in members]
     steps = {r[0] if r else 0 for r in restored}
     if len(steps) > 1:
         target = min(steps)
         if target == 0:
-            raise ValueError("A pack mixes fresh runs with resumed ones: "
-                             f"{[m.workdir for m in members]}")
+            raise checkpointing.CheckpointError(
+                "These trials cannot resume as one pack: some have checkpoints, some none: "
+                f"{', '.join(m.workdir for m in members)}. Run them one at a time "
+                "(--config.grid.pack_size=1).")
         restored = [r if r[0] == target else m.ckpts.restore_latest(template, max_step=target)
                     for m, r in zip(members, restored)]
     step = restored[0][0] if restored[0] else 0
@@ -228,7 +257,6 @@ def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstr
             m.best_val = meta.get("best_val_accuracy", -1.0)
             m.best_epoch = meta.get("best_epoch", 0)
             m.train_time = meta.get("train_time_s", 0.0)
-            workdir_lib.truncate_jsonl(m.metrics_path, max_step=step)
             logging.info("Resumed %s from checkpoint %d (epoch %d, step %d of %d).", m.workdir,
                          step, step // programs.spec.steps_per_epoch + 1, step,
                          programs.spec.total_steps)
@@ -239,12 +267,11 @@ def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstr
 
 def _log_start(pack: Pack) -> None:
     spec, ds = pack.spec, pack.dataset
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pack.abstract.params))
     trials = (f"{len(pack.members)} trials" if len(pack.members) > 1
               else pack.members[0].name)
     logging.info("%s (%s): %s parameters on %d %s device(s); %d train / %d val / %d test "
                  "images; %d steps per epoch, a host sync every %d (%s)", spec.model, trials,
-                 f"{num_params:,}", spec.num_devices, jax.devices()[0].platform, len(ds.train),
+                 f"{pack.num_params:,}", spec.num_devices, jax.devices()[0].platform, len(ds.train),
                  len(ds.val) if ds.val else 0, len(ds.test), spec.steps_per_epoch,
                  pack.members[0].config.log_every_steps,
                  "in one on-device loop" if spec.device_loop else "one dispatch per step")
@@ -459,8 +486,7 @@ def _finish(pack: Pack) -> None:
         m.ckpts.wait()
     test = (engine_lib.evaluate(pack.programs, pack.states, pack.eval_data, "test")
             if running[0].config.evaluate_test else None)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pack.abstract.params))
-    template = _checkpoint_tree(pack.abstract, jax.eval_shape(Metrics.empty))
+    template = _restore_template(pack.abstract)
     for m in running:
         i = pack.index(m)
         t = test[i] if test else {"loss": None, "accuracy": None}
@@ -474,7 +500,7 @@ def _finish(pack: Pack) -> None:
         if best is not None:
             m.ckpts.save_weights(_weights(best[1]["train_state"]))
         m.status = "completed"
-        _write_result(m, "completed", num_params=num_params, step=pack.step,
+        _write_result(m, "completed", num_params=pack.num_params, step=pack.step,
                       total_steps=pack.spec.total_steps,
                       final_val_accuracy=m.last_record.get("val_accuracy"),
                       final_val_loss=m.last_record.get("val_loss"),
@@ -498,17 +524,22 @@ def _weights(state: Dict[str, Any]) -> Dict[str, Any]:
     return keep
 
 
-def _close(pack: Pack) -> None:
-    """Closes every trial's writer and checkpoints. Runs on the way out of an error too, so a
-    failure here is logged rather than raised over the error that is already on its way (saves
+def _close_member(member: Member) -> None:
+    """Closes a trial's writer and checkpoints. Runs on the way out of an error too, so a
+    failure here is logged rather than raised over the error already on its way (the saves
     that matter were waited for, and their failures raised, before results were written)."""
+    for resource in (member.writer, member.ckpts):
+        try:
+            if resource is not None:
+                resource.close()
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            logging.warning("%s: closing %s failed: %s", member.workdir,
+                            type(resource).__name__, e)
+
+
+def _close(pack: Pack) -> None:
     for m in pack.members:
-        for resource in (m.writer, m.ckpts):
-            try:
-                if resource is not None:
-                    resource.close()
-            except Exception as e:  # noqa: BLE001 - see the docstring
-                logging.warning("%s: closing %s failed: %s", m.workdir, type(resource).__name__, e)
+        _close_member(m)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,6 +145,12 @@ def expand(config: ml_collections.ConfigDict) -> List[Trial]:
     return trials
 
 
+def repeat_seeds(config) -> List[int]:
+    """config.grid.repeat_selected_seeds as integers ('' -> none)."""
+    text = config.grid.get("repeat_selected_seeds") or ""
+    return _values(text, int, "repeat_selected_seeds") if str(text).strip() else []
+
+
 def trial_config(config: ml_collections.ConfigDict, trial: Trial) -> ml_collections.ConfigDict:
     """The base config with the trial's values and without the grid."""
     d = config.to_dict()

@@ -75,9 +75,14 @@ def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str) -> List[Dict[str, Any]]:
-    """The records of a JSON-lines file. A partial last line (a crash mid-append) is dropped
-    from the file with a warning; a damaged line elsewhere is refused by name."""
+def _write_jsonl(path: str, records: List[Dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path: str, repair: bool = False) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file. A partial last line (a crash mid-append) is left out;
+    with `repair` (only for the process that holds the run's lock) it is also dropped from the
+    file, with a warning. A damaged line elsewhere is refused by name."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -89,22 +94,23 @@ def read_jsonl(path: str) -> List[Dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if number == len(lines):  # no newline after it: the write never finished
+            if number != len(lines):  # a complete line (newline-terminated) that is damaged
+                raise WorkdirError(f"{path}, line {number}, is not valid JSON ({e}). Move the "
+                                   "file away (or delete that line) and run again.") from e
+            if repair:  # no newline after it: the write never finished
                 logging.warning("%s: dropping an incomplete last line (%d characters), left by "
                                 "an interrupted write.", path, len(line))
-                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-                break
-            raise WorkdirError(f"{path}, line {number}, is not valid JSON ({e}). Move the "
-                               "file away (or delete that line) and run again.") from e
+                _write_jsonl(path, records)
     return records
 
 
 def truncate_jsonl(path: str, max_step: int) -> None:
-    """Drops per-epoch records written after the checkpoint a run resumes from."""
-    records = read_jsonl(path)
+    """Drops records written after the step a run (re)starts from: a crash between appending
+    an epoch's record and committing its checkpoint must not leave the record twice."""
+    records = read_jsonl(path, repair=True)
     keep = [r for r in records if r.get("step", 0) <= max_step]
     if len(keep) != len(records):
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+        _write_jsonl(path, keep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,8 +118,8 @@ def truncate_jsonl(path: str, max_step: int) -> None:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
@@ -272,15 +278,16 @@ class RunLock:
 # The stored config and the result, the same for JAX and the PyTorch twin.
 
 
-def check_stored_config(config, workdir: str) -> None:
-    """Refuses to resume a run whose stored config differs in a result-changing field.
+def check_stored_config(config, workdir: str) -> List[str]:
+    """Refuses to resume a run whose stored config differs in a result-changing field; returns
+    the differences allowed by allow_config_change (empty when there are none).
 
     Writes nothing: the caller stores the config once every start-up check has passed.
     """
     path = os.path.join(workdir, "config.json")
     stored = read_json(path)
     if stored is None:
-        return
+        return []
     diffs = config_checks.result_changing_differences(stored, config)
     if diffs and not config.allow_config_change:
         raise config_checks.ConfigError(
@@ -290,6 +297,7 @@ def check_stored_config(config, workdir: str) -> None:
     if diffs:
         logging.warning("Resuming with a changed config (allow_config_change=true):\n  %s",
                         "\n  ".join(diffs))
+    return diffs
 
 
 def store_config(config, workdir: str) -> None:

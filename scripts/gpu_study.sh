@@ -83,7 +83,7 @@ case "$PHASE" in
     run bench python3 -m cifar_jax.bench --models "${BENCH_MODELS:-resnet18,alexnet,mobilenetv2}" \
       --frameworks jax,torch --jax_variants "${JAX_VARIANTS:-steps,loop,loop_bf16}" \
       --pack_sizes "${PACK_SIZES:-1,4,8}" --precision tf32 \
-      --torch_variants "${TORCH_VARIANTS:-eager,channels_last_amp,compile,reduce_overhead}" \
+      --torch_variants "${TORCH_VARIANTS:-eager,channels_last_amp,compile,compile_amp,reduce_overhead,reduce_overhead_amp}" \
       --out "$OUT/bench.json" ;;
   profile)
     run profile python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \

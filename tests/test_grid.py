@@ -113,6 +113,7 @@ def test_two_model_grid_compiles_once_per_model_and_reports(tmp_path):
     c.data.synthetic_train_size, c.data.val_size = 84, 20  # MobileNetV2 is slow on the CPU
     c.eval_batch_size = 20
     shared = engine.Engine()
+    # Shards only order the work: shard 0 runs its own trials first, then the rest.
     assert grid.run_grid(c, str(tmp_path), shard_index=0, num_shards=2, engine=shared)
     assert grid.run_grid(c, str(tmp_path), shard_index=1, num_shards=2, engine=shared)
     assert shared.compiles("train") == {"alexnet": 1, "mobilenetv2": 1}
@@ -267,3 +268,25 @@ def test_grid_runs_the_pytorch_twin_per_trial(tmp_path):
     selected = [r for r in rows if r["selected"] == "True"]
     assert len(selected) == 1 and selected[0]["test_accuracy"]
     assert not any(r["test_accuracy"] for r in rows if r["selected"] != "True")
+
+
+def test_finished_trials_of_another_config_are_refused(tmp_path):
+    c = _grid_config(models="alexnet", learning_rate="0.001")
+    assert grid.run_grid(c, str(tmp_path))
+    c.num_epochs = 2  # the same grid, longer: the finished trial would be reported as 2 epochs
+    with pytest.raises(ValueError, match=r"holds 1 finished trials run with a different "
+                                         r"config:\n  trials/alexnet/.*num_epochs: stored 1, now 2"):
+        grid.run_grid(c, str(tmp_path))
+    c.allow_config_change = True  # keep the finished result as it is
+    assert grid.run_grid(c, str(tmp_path))
+    assert "trained for **1 epochs**" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_failure_never_overwrites_a_completed_trial(tmp_path):
+    (t,) = trials.expand(_grid_config(models="alexnet", learning_rate="0.001"))
+    directory = tmp_path / t.relpath
+    directory.mkdir(parents=True)
+    done = {"status": "completed", **t.hyperparameters(), "best_val_accuracy": 0.5}
+    workdir_lib.write_result(str(directory), done)
+    grid._record_failure(str(directory), t, "OSError: a pack-mate failed")
+    assert workdir_lib.read_result(str(directory)) == done

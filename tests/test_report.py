@@ -29,7 +29,7 @@ def _fake_trial(workdir, trial, val_curve, test=None):
                                   "val_loss": 1 - acc})
     result = {"status": "completed", "framework": "jax", **trial.hyperparameters(),
               "best_val_accuracy": max(val_curve), "final_val_loss": 1 - val_curve[-1],
-              "num_params": 1000, "images_per_sec": 100.0, "step": 30}
+              "num_params": 1000, "images_per_sec": 100.0, "step": 30, "num_epochs": 3}
     if test is not None:
         result.update(selected=True, test_accuracy=test)
     workdir_lib.write_result(directory, result)
@@ -70,6 +70,10 @@ def test_summary_states_epochs_spread_and_margin(seeded_workdir, monkeypatch):
     assert "within the noise" in summary
     assert "| optimizer | adam | 59.00% ± 1.00 | 3 |" in summary  # effects with spread
     assert len(out["selected"]["alexnet"]) == 3
+    # The runner-up was marked selected by the fixture: unmarked, its test figures removed.
+    adam = [t for t in trials.expand(c) if dict(t.values)["optimizer"] == "adam"][0]
+    result = workdir_lib.read_result(os.path.join(workdir, adam.relpath))
+    assert result["selected"] is False and "test_accuracy" not in result
 
 
 def test_val_curve_figure_names_every_trial_in_percent(seeded_workdir):

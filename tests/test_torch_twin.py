@@ -235,3 +235,32 @@ def test_twin_refuses_a_batch_larger_than_the_training_set(tmp_path, tiny_config
     with pytest.raises(config_checks.ConfigError, match="batch_size=1000 is larger than the 260"):
         torch_train.train_and_evaluate(tiny_config, str(tmp_path))
     assert not (tmp_path / "config.json").exists()
+
+
+def test_twin_resume_is_exact_and_divergence_is_recorded(tmp_path, tiny_config, monkeypatch):
+    """Dropout draws from torch's global generator: it is checkpointed, so an interrupted and
+    resumed twin run ends identical to a straight one. A non-finite loss ends 'diverged'."""
+    import json
+
+    from cifar_jax import train as jax_train
+
+    straight = torch_train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+    real_epoch = torch_train._Run._train_epoch
+
+    def interrupted_in_epoch_two(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self)
+
+    monkeypatch.setattr(torch_train._Run, "_train_epoch", interrupted_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        torch_train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    monkeypatch.undo()
+    resumed = torch_train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    drop = ("train_time_s", "images_per_sec")
+    assert {k: v for k, v in resumed.items() if k not in drop} == \
+           {k: v for k, v in straight.items() if k not in drop}
+    tiny_config.optimizer, tiny_config.learning_rate = "sgd", 1e4
+    with pytest.raises(jax_train.Diverged, match="Non-finite loss in epoch 1"):
+        torch_train.train_and_evaluate(tiny_config, str(tmp_path / "diverged"))
+    assert json.load(open(tmp_path / "diverged" / "result.json"))["status"] == "diverged"

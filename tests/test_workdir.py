@@ -67,8 +67,10 @@ def test_atomic_json_and_partial_jsonl_line(tmp_path, caplog):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"epoch": 1, "step": 8}\n{"epoch": 2, "st')  # a crash mid-append
     assert workdir_lib.read_jsonl(str(metrics)) == [{"epoch": 1, "step": 8}]
+    assert metrics.read_text().endswith('"st')  # readers (the report) never write
+    assert workdir_lib.read_jsonl(str(metrics), repair=True) == [{"epoch": 1, "step": 8}]
     assert "dropping an incomplete last line" in caplog.text
-    assert metrics.read_text() == '{"epoch": 1, "step": 8}\n'  # repaired on disk
+    assert metrics.read_text() == '{"epoch": 1, "step": 8}\n'  # repaired by the lock holder
     metrics.write_text('{"epoch": 1, "st\n{"epoch": 2, "step": 16}\n')
     with pytest.raises(WorkdirError, match="metrics.jsonl, line 1, is not valid JSON"):
         workdir_lib.read_jsonl(str(metrics))
@@ -168,3 +170,20 @@ def test_unwritable_workdir_mid_run_stops_at_once(tiny_config, tmp_path, monkeyp
         train.train_and_evaluate(tiny_config, workdir)
     # Epoch 1's checkpoint is intact; epoch 2's save never started (nothing half-written).
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["8"]
+
+
+def test_crash_between_metrics_and_first_checkpoint_leaves_no_duplicate(tiny_config, tmp_path,
+                                                                        monkeypatch):
+    """Epoch 1's record is appended, then the process dies before its checkpoint exists: the
+    rerun starts from scratch and must not keep that record beside the new one."""
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(Checkpoints, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    monkeypatch.undo()
+    assert len(workdir_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))) == 1
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    records = workdir_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [r["epoch"] for r in records] == [1, 2]

@@ -99,11 +99,16 @@ def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split) -> Di
 def train_and_evaluate(config, workdir: str,
                        dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
     """Trains `config` in `workdir` with the twin, holding the directory's lock."""
+    from cifar_jax.train import Diverged
+
     config_checks.validate_config(config, num_devices=1)
     workdir = os.path.abspath(workdir)
     workdir_lib.ensure_writable(workdir)
     with workdir_lib.RunLock(workdir).acquire():
-        return train_locked(config, workdir, dataset)
+        result = train_locked(config, workdir, dataset)
+    if result["status"] == "diverged":
+        raise Diverged(result["error"])
+    return result
 
 
 def train_locked(config, workdir: str,
@@ -112,9 +117,11 @@ def train_locked(config, workdir: str,
     workdir = os.path.abspath(workdir)
     workdir_lib.ensure_writable(workdir)
     previous = workdir_lib.read_result(workdir)
-    workdir_lib.check_stored_config(config, workdir)
-    if previous and previous.get("status") == "completed":
-        logging.info("Run in %s already finished.", workdir)
+    changed = workdir_lib.check_stored_config(config, workdir)
+    workdir_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"), repair=True)
+    status = (previous or {}).get("status")
+    if status == "completed" or (status == "diverged" and not changed):
+        logging.info("Run in %s already finished: %s.", workdir, status)
         return previous
     data = dataset if dataset is not None else input_pipeline.load_dataset(config.data)
     config_checks.check_run_shape(config, len(data.train))
@@ -140,6 +147,7 @@ class _Run:
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.epoch, self.best_val, self.best_epoch, self.train_time = 0, -1.0, 0, 0.0
         self._restore()
+        workdir_lib.truncate_jsonl(self.metrics_path, self.epoch * self.steps_per_epoch)
 
     def _restore(self):
         if not os.path.exists(self.checkpoint_path):
@@ -154,9 +162,11 @@ class _Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self._use_config_hyperparameters()
         self.generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.epoch, self.best_val = ckpt["epoch"], ckpt["best_val"]
         self.best_epoch, self.train_time = ckpt["best_epoch"], ckpt["train_time"]
-        workdir_lib.truncate_jsonl(self.metrics_path, self.epoch * self.steps_per_epoch)
         logging.info("Resumed the PyTorch twin from epoch %d.", self.epoch)
 
     def _use_config_hyperparameters(self):
@@ -211,30 +221,62 @@ class _Run:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "generator": self.generator.get_state(), "epoch": self.epoch,
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": (torch.cuda.get_rng_state_all() if self.device.type == "cuda"
+                                 else []),
                     "optimizer_name": self.config.optimizer,
                     "best_val": self.best_val, "best_epoch": self.best_epoch,
                     "train_time": self.train_time}, tmp)
         os.replace(tmp, self.checkpoint_path)
 
+    def _save_best(self):
+        path = os.path.join(self.workdir, "torch_best.pt")
+        torch.save(self.model.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def _end_epoch(self, record: Dict[str, Any]) -> None:
+        """Validation, the best weights, metrics.jsonl, the checkpoint, one log line."""
+        config = self.config
+        if self.data.val is not None:
+            v = evaluate(self.model, self.data.val, config.eval_batch_size, self.device,
+                         config.tta_flip)
+            record.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
+        metric = record.get("val_accuracy", record["train_accuracy"])
+        if metric > self.best_val:
+            self.best_val, self.best_epoch = metric, self.epoch
+            self._save_best()  # before the checkpoint that names it: a retrain redoes both
+        workdir_lib.append_jsonl(self.metrics_path, record)
+        self._save()
+        logging.info("[torch] epoch %d/%d  train loss %.4f acc %.2f%%  val acc %s  %.0f img/s",
+                     self.epoch, config.num_epochs, record["train_loss"],
+                     100 * record["train_accuracy"],
+                     f"{100 * record['val_accuracy']:.2f}%" if "val_accuracy" in record
+                     else "-", record["images_per_sec"])
+
+    def _result(self, status: str, record: Dict[str, Any], **fields) -> Dict[str, Any]:
+        device = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        result = workdir_lib.result_record(
+            self.config, status, "torch",
+            num_params=sum(p.numel() for p in self.model.parameters()),
+            total_steps=self.total_steps, best_val_accuracy=self.best_val,
+            best_epoch=self.best_epoch, final_val_accuracy=record.get("val_accuracy"),
+            final_val_loss=record.get("val_loss"), train_time_s=self.train_time,
+            devices=f"1x {device}", **fields)
+        workdir_lib.write_result(self.workdir, result)
+        return result
+
     def train(self) -> Dict[str, Any]:
         config, record = self.config, {}
         while self.epoch < config.num_epochs:
             record = self._train_epoch()
-            if self.data.val is not None:
-                v = evaluate(self.model, self.data.val, config.eval_batch_size, self.device,
-                             config.tta_flip)
-                record.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
-            metric = record.get("val_accuracy", record["train_accuracy"])
-            if metric > self.best_val:
-                self.best_val, self.best_epoch = metric, self.epoch
-                torch.save(self.model.state_dict(), os.path.join(self.workdir, "torch_best.pt"))
-            workdir_lib.append_jsonl(self.metrics_path, record)
-            self._save()
-            logging.info("[torch] epoch %d/%d  train loss %.4f acc %.2f%%  val acc %s  "
-                         "%.0f img/s", self.epoch, config.num_epochs, record["train_loss"],
-                         100 * record["train_accuracy"],
-                         f"{100 * record['val_accuracy']:.2f}%" if "val_accuracy" in record
-                         else "-", record["images_per_sec"])
+            if not math.isfinite(record["train_loss"]):
+                error = (f"Non-finite loss in epoch {self.epoch} (the twin checks once per "
+                         f"epoch). The last good checkpoint is epoch {self.epoch - 1}'s, in "
+                         f"{self.checkpoint_path}.")
+                logging.error("[torch] %s", error)
+                return self._result("diverged", record, step=(self.epoch - 1) *
+                                    self.steps_per_epoch, error=error)
+            self._end_epoch(record)
         if not record:
             records = workdir_lib.read_jsonl(self.metrics_path)
             record = records[-1] if records else {}
@@ -242,16 +284,10 @@ class _Run:
         if config.evaluate_test:
             test = evaluate(self.model, self.data.test, config.eval_batch_size, self.device,
                             config.tta_flip)
-        device = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
-        result = workdir_lib.result_record(
-            config, "completed", "torch", num_params=sum(p.numel() for p in self.model.parameters()),
-            step=self.total_steps, total_steps=self.total_steps, best_val_accuracy=self.best_val,
-            best_epoch=self.best_epoch, final_val_accuracy=record.get("val_accuracy"),
-            final_val_loss=record.get("val_loss"), test_accuracy=test["accuracy"],
-            test_loss=test["loss"], train_time_s=self.train_time,
-            images_per_sec=(self.total_steps * config.batch_size / self.train_time
-                            if self.train_time else None), devices=f"1x {device}")
-        workdir_lib.write_result(self.workdir, result)
+        result = self._result(
+            "completed", record, step=self.total_steps, test_accuracy=test["accuracy"],
+            test_loss=test["loss"], images_per_sec=(self.total_steps * config.batch_size /
+                                                    self.train_time if self.train_time else None))
         logging.info("[torch] finished: best val accuracy %.2f%%, test accuracy %s",
                      100 * self.best_val, "not evaluated" if test["accuracy"] is None
                      else f"{100 * test['accuracy']:.2f}%")
