@@ -15,9 +15,11 @@ stops the run (WorkdirError, exit 2). Before each save the directory is probed a
 space compared with the state's size, so a full or read-only disk is reported at once.
 """
 
+import gc
 import os
 import re
 import shutil
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -25,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cifar_jax import workdir as workdir_lib
+from cifar_jax import native, workdir as workdir_lib
 from cifar_jax.workdir import WorkdirError
 
 _STEP_DIR = re.compile(r"^\d+$")
@@ -34,6 +36,11 @@ _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
 class CheckpointError(RuntimeError):
     """No readable checkpoint where checkpoints exist."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
 def _selection_key(metrics: Dict[str, Any]):
@@ -162,12 +169,18 @@ class Checkpoints:
         steps = [s for s in all_steps if max_step is None or s <= max_step]
         errors = []
         for step in steps:
-            try:
-                state, meta = self._restore(step, template)
-            except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                logging.error("Checkpoint %s/%d is unreadable (%s: %s); trying an older one.",
-                              self.directory, step, type(e).__name__, e)
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
+            with native.quiet_stderr():  # tensorstore's tracebacks after a failed read
+                try:
+                    state, meta = self._restore(step, template)
+                    error = None
+                except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                    error = e
+                    gc.collect()  # the failed read's abandoned tasks report while it is quiet
+                    time.sleep(0.2)
+            if error is not None:
+                logging.error("Checkpoint %s/%d is unreadable (%s); trying an older one.",
+                              self.directory, step, _first_line(error))
+                errors.append(f"step {step}: {_first_line(error)}")
                 continue
             self._drop_after(step)
             return step, state, meta

@@ -12,6 +12,7 @@
 
 import logging as py_logging
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -24,11 +25,30 @@ class UsageError(Exception):
     """The command line is wrong; the message says how to fix it."""
 
 
+def check_workdir_flag(workdir: str) -> None:
+    """Refuses an empty --workdir (it would mean the current directory) or a flag in its place."""
+    if not workdir.strip():
+        raise UsageError("--workdir is empty: give the directory for checkpoints and results, "
+                         "e.g. --workdir runs/x.")
+    if workdir.startswith("-"):
+        raise UsageError(f"--workdir={workdir!r} looks like a flag, not a directory: give the "
+                         "directory right after --workdir.")
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived outside training (which installs its own handler)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def _exit_codes():
+    """(exception types, exit status, whether to print it: a diverged run has logged it)."""
     from cifar_jax import checkpointing, config_checks, input_pipeline, train, workdir
-    return ((train.Preempted, 143), (train.Diverged, 3),
+    return ((train.Preempted, 143, True), (train.Diverged, 3, False),
             ((config_checks.ConfigError, input_pipeline.DataError, workdir.WorkdirError,
-              checkpointing.CheckpointError, UsageError, OSError), 2))
+              checkpointing.CheckpointError, UsageError, OSError), 2, True))
 
 
 def _flag_error_text(error: BaseException) -> str:
@@ -36,9 +56,11 @@ def _flag_error_text(error: BaseException) -> str:
     inner = error.args[0] if error.args else error
     if isinstance(inner, KeyError) and inner.args:
         inner = inner.args[0]
-    lines = [line.strip(" '\"") for line in str(inner).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[1].startswith("Did you mean"):
-        return f"no config field {lines[0]!r}. {lines[1]}"
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    if isinstance(error, (AttributeError, KeyError)):  # ml_collections: a field it lacks
+        name = lines[0].strip("'\"") if lines else "?"
+        hint = f" {lines[1]}" if len(lines) > 1 and lines[1].startswith("Did you mean") else ""
+        return f"no config field {name!r}.{hint}"
     return " ".join(lines)
 
 
@@ -53,8 +75,10 @@ def _parse_flags(argv):
 
 
 # Warnings that say nothing wrong: orbax on a mid-epoch save (no validation metric by design);
-# tfds probing a data directory before CIFAR-10 is prepared (the run says what it does next).
-_EXPECTED_WARNINGS = ("did not provide metrics", "has no dataset_info.json")
+# tfds probing a data directory before CIFAR-10 is prepared (the run says what it does next);
+# asyncio on orbax's abandoned reads of a damaged checkpoint (the run names the checkpoint).
+_EXPECTED_WARNINGS = ("did not provide metrics", "has no dataset_info.json",
+                      "Task exception was never retrieved")
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -79,15 +103,20 @@ def run(main: Callable) -> None:
                   file=sys.stderr)
             sys.exit(2)
         quiet_library_logs()
+        signal.signal(signal.SIGTERM, _on_sigterm)  # training installs its own while it runs
         try:
             return main(argv)
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)
             sys.exit(130)
+        except _Terminated:
+            print("Stopped by SIGTERM outside training; nothing needed saving.", file=sys.stderr)
+            sys.exit(143)
         except Exception as e:
-            for kinds, code in _exit_codes():
+            for kinds, code, show in _exit_codes():
                 if isinstance(e, kinds):
-                    print(str(e) if code == 143 else f"error: {e}", file=sys.stderr)
+                    if show:
+                        print(str(e) if code == 143 else f"error: {e}", file=sys.stderr)
                     sys.exit(code)
             raise
 

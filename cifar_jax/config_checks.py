@@ -11,12 +11,12 @@ from typing import Any, Dict, List
 import ml_collections
 
 from cifar_jax.augment import AUGMENTATIONS
+from cifar_jax.engine import PRECISIONS
 from cifar_jax.input_pipeline import DataError, parse_source
 from cifar_jax.models import MODELS
 from cifar_jax.optim import OPTIMIZERS
 
 DTYPES = ("float32", "bfloat16")
-PRECISIONS = ("default", "tf32", "highest")
 FRAMEWORKS = ("jax", "torch")
 STEP_LOOPS = ("auto", "device", "host")
 INT32_MAX = 2**31 - 1  # step counters and seeds are int32 on the device
@@ -64,7 +64,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _choice(errors, "optimizer", config.optimizer, OPTIMIZERS)
     _choice(errors, "data.augmentation", config.data.augmentation, AUGMENTATIONS)
     _choice(errors, "dtype", config.dtype, DTYPES)
-    _choice(errors, "precision", config.precision, PRECISIONS)
+    _choice(errors, "precision", config.precision, tuple(PRECISIONS))
     _choice(errors, "framework", config.framework, FRAMEWORKS)
     _choice(errors, "step_loop", config.step_loop, STEP_LOOPS)
     _number(errors, "learning_rate", config.learning_rate, 0, low_open=True)
@@ -125,8 +125,14 @@ def _check_data_source(errors: List[str], config) -> None:
                       f"(config.data.synthetic_train_size={train}).")
 
 
-def check_run_shape(config, num_train: int) -> None:
-    """The checks that need the training set's size (after the validation split)."""
+def check_run_shape(config, dataset) -> None:
+    """The checks that need the data set's sizes (after the validation split)."""
+    num_train = len(dataset.train)
+    largest_eval = max(len(dataset.test), len(dataset.val) if dataset.val else 0)
+    if config.eval_batch_size > largest_eval:
+        raise ConfigError(
+            f"config.eval_batch_size={config.eval_batch_size} is larger than the largest "
+            f"evaluation split ({largest_eval} images); use at most {largest_eval}.")
     if config.batch_size > num_train:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {num_train} training "
@@ -149,6 +155,14 @@ def flatten(config) -> Dict[str, Any]:
     return out
 
 
+# Fields a resumed run cannot change, even with allow_config_change: they change the number of
+# steps, the data, or the shape of the saved state, so the checkpoint no longer fits.
+FIXED_ON_RESUME = frozenset({
+    "model", "framework", "batch_size", "num_epochs", "data.source", "data.val_size",
+    "data.split_seed", "data.synthetic_train_size", "data.synthetic_test_size",
+})
+
+
 def result_changing_differences(stored: Dict[str, Any], current) -> List[str]:
     """Fields whose values differ between a stored and the current config, as readable lines."""
     a, b = flatten(stored), flatten(current)
@@ -158,4 +172,15 @@ def result_changing_differences(stored: Dict[str, Any], current) -> List[str]:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             lines.append(f"{key}: stored {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}")
+    return lines
+
+
+def fixed_field_changes(stored: Dict[str, Any], current) -> List[str]:
+    """The differences that no resume can take (FIXED_ON_RESUME, and EMA on <-> off)."""
+    a, b = flatten(stored), flatten(current)
+    lines = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(FIXED_ON_RESUME)
+             if a.get(k) != b.get(k)]
+    if (a.get("ema_decay", 0) > 0) != (b.get("ema_decay", 0) > 0):
+        lines.append(f"ema_decay: stored {a.get('ema_decay')!r}, now {b.get('ema_decay')!r} "
+                     "(turns the weight average on or off)")
     return lines

@@ -50,7 +50,7 @@ def pack_size(config, model: str) -> int:
     return size
 
 
-def _validate(config, trials: Sequence[Trial]) -> None:
+def validate(config, trials: Sequence[Trial]) -> None:
     """Every trial's config is valid before anything runs (one error listing them all)."""
     if not isinstance(config.grid.pack_size, int) or config.grid.pack_size < 0:
         raise config_checks.ConfigError(f"config.grid.pack_size={config.grid.pack_size!r} is "
@@ -205,7 +205,7 @@ def _check_finished(config, workdir: str, trials: Sequence[Trial]) -> None:
         directory = os.path.join(workdir, t.relpath)
         if trials_lib.trial_status(workdir, t) not in ("completed", "diverged"):
             continue
-        stored = workdir_lib.read_json(os.path.join(directory, "config.json")) or {}
+        stored = workdir_lib.read_json_object(os.path.join(directory, "config.json")) or {}
         diffs = config_checks.result_changing_differences(stored, trials_lib.trial_config(
             config, t)) if stored else []
         if diffs:
@@ -229,7 +229,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
     """
     all_trials = trials_lib.expand(config)
     mine = trials_lib.shard_of(all_trials, shard_index, num_shards)
-    _validate(config, mine)
+    validate(config, mine)
     workdir = os.path.abspath(workdir)
     workdir_lib.ensure_writable(workdir)
     workdir_lib.write_json_atomic(os.path.join(workdir, "grid_config.json"), config.to_dict())

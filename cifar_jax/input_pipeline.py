@@ -95,13 +95,16 @@ def _read_cifar_batch(file: str) -> Split:
         raise DataError(f"cifar_dir: {file!r} is not a CIFAR-10 batch (expected a dict with "
                         "b'data' and b'labels').")
     data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    if data.size == 0:
+        raise DataError(f"cifar_dir: {file!r} holds no images.")
     problems = []
     if data.dtype != np.uint8:
         problems.append(f"data has dtype {data.dtype}, expected uint8")
     if data.ndim != 2 or data.shape[1] != 3072:
         problems.append(f"data has shape {data.shape}, expected (N, 3072)")
     if labels.ndim != 1 or len(labels) != len(data):
-        problems.append(f"{labels.size} labels for {len(data)} images")
+        problems.append(f"labels of shape {labels.shape} for {len(data)} images (expected "
+                        f"({len(data)},))")
     elif not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= 10:
         problems.append(f"labels outside 0..9 (dtype {labels.dtype}, range "
                         f"{labels.min()}..{labels.max()})")
@@ -288,9 +291,9 @@ def download_reachable(host: str = CIFAR10_DOWNLOAD_HOST, timeout: float = 5.0) 
 
 def load_tfds(data_dir: Optional[str]) -> Tuple[Split, Split]:
     """tensorflow-datasets 'cifar10', downloaded and prepared in `data_dir` on first use."""
-    from cifar_jax import tf_runtime
+    from cifar_jax import native
 
-    tf_runtime.hide_gpus_from_tensorflow()  # imports TensorFlow quietly, before tfds does
+    native.hide_gpus_from_tensorflow()  # imports TensorFlow quietly, before tfds does
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:

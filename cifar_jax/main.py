@@ -31,14 +31,22 @@ flags.DEFINE_string("selected_from", None, "Grid configs: run only the configura
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise cli.UsageError(f"${name}={value!r} is not an integer; unset it or pass "
+                             "--shard_index / --num_shards.") from None
+
+
 def _shard_flags():
     """--shard_index/--num_shards, defaulting to a SLURM array's task id and count."""
     index, count = FLAGS.shard_index, FLAGS.num_shards
     if index is None:
-        index = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) - int(
-            os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        index = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
     if count is None:
-        count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+        count = _env_int("SLURM_ARRAY_TASK_COUNT", 1)
     return index, count
 
 
@@ -49,7 +57,12 @@ def enable_compilation_cache(directory: str) -> None:
     import jax
 
     directory = os.path.expanduser(directory)
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise cli.UsageError(f"config.compilation_cache_dir={directory!r} cannot be used as a "
+                             f"directory ({e.strerror or e}); choose another, or '' to turn the "
+                             "cache off.") from e
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -59,6 +72,7 @@ def main(argv):
     from cifar_jax import grid, trials  # after flag parsing: keeps --help fast
 
     config = FLAGS.config
+    cli.check_workdir_flag(FLAGS.workdir)
     if FLAGS.selected_from:
         from cifar_jax import report
 
@@ -67,6 +81,7 @@ def main(argv):
         config = trials.restrict(config, report.selected_in(FLAGS.selected_from))
     if "grid" in config:
         expanded = trials.expand(config)
+        grid.validate(config, expanded)
         if FLAGS.dry_run:
             print(trials.describe(expanded))
             return

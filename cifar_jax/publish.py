@@ -146,34 +146,52 @@ def copy_grid(workdir: str, out: str, prefix: str, plots: bool) -> None:
                         dirs_exist_ok=True)
 
 
+def _read_input(path: Optional[str], kind: type, what: str):
+    """A JSON input file, checked before anything is written."""
+    if path is None:
+        return None
+    try:
+        value = workdir_lib.read_json(path)
+    except workdir_lib.WorkdirError as e:
+        raise cli.UsageError(f"--{what}: {e}") from e
+    if not isinstance(value, kind):
+        raise cli.UsageError(f"--{what}={path!r} does not hold a JSON {kind.__name__} "
+                             f"({'missing' if value is None else type(value).__name__}).")
+    return value
+
+
 def main(argv):
     del argv
     out = FLAGS.out
-    os.makedirs(out, exist_ok=True)
+    bench = _read_input(FLAGS.bench, dict, "bench")
+    run_log = _read_input(FLAGS.run_log, dict, "run_log")
+    if bench is not None and not isinstance(bench.get("table"), str):
+        raise cli.UsageError(f"--bench={FLAGS.bench!r} has no 'table': write it with "
+                             "`python -m cifar_jax.bench --out`.")
+    if FLAGS.readme and not os.path.isfile(FLAGS.readme):
+        raise cli.UsageError(f"--readme={FLAGS.readme!r} is not a file.")
     jax_rows = read_rows(FLAGS.jax_grid)
+    torch_rows = read_rows(FLAGS.torch_grid) if FLAGS.torch_grid else []
+    recipe_rows = read_rows(FLAGS.recipe) if FLAGS.recipe else []
+    os.makedirs(out, exist_ok=True)
     copy_grid(FLAGS.jax_grid, out, "", plots=True)
-    torch_sel, recipe_sel = {}, {}
     if FLAGS.torch_grid:
-        torch_sel = selected(read_rows(FLAGS.torch_grid))
         copy_grid(FLAGS.torch_grid, out, "torch_", plots=False)
     if FLAGS.recipe:
-        recipe_sel = selected(read_rows(FLAGS.recipe))
         copy_grid(FLAGS.recipe, out, "recipe_", plots=False)
-    jax_sel = selected(jax_rows)
+    jax_sel, torch_sel, recipe_sel = selected(jax_rows), selected(torch_rows), selected(
+        recipe_rows)
     workdir_lib.write_text_atomic(os.path.join(out, "seeds.md"),
                                   seeds_markdown(jax_sel, torch_sel))
-    bench_table = None
-    if FLAGS.bench:
-        with open(FLAGS.bench) as f:
-            bench_table = json.load(f)["table"]
+    bench_table = bench["table"] if bench else None
+    if bench_table:
         workdir_lib.write_text_atomic(os.path.join(out, "bench.md"), bench_table + "\n")
-    if FLAGS.run_log:
-        with open(FLAGS.run_log) as f:
-            run_log = json.load(f)
+    if run_log is not None:
         workdir_lib.write_text_atomic(os.path.join(out, "REPRODUCE.md"),
                                       reproduce_markdown(run_log))
     if FLAGS.readme:
-        grid_config = workdir_lib.read_json(os.path.join(FLAGS.jax_grid, "grid_config.json")) or {}
+        grid_config = workdir_lib.read_json_object(
+            os.path.join(FLAGS.jax_grid, "grid_config.json")) or {}
         epochs = str(grid_config.get("num_epochs", jax_rows[0].get("num_epochs") or "?"))
         source = grid_config.get("data", {}).get("source", "?")
         section = results_section(os.path.relpath(out, os.path.dirname(os.path.abspath(

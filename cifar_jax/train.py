@@ -6,8 +6,10 @@ The host loop has three phases, each a short function below:
            states fresh or restored, data on the device
   train    chunks of steps (one dispatch and one host sync each): a progress line, the
            non-finite check, SIGTERM; at each epoch end validation, metrics.jsonl, checkpoints
-  finish   test evaluation, result.json, best weights kept and full checkpoints pruned
-The compiled code lives in `engine.py`; this module is the I/O around it.
+  finish   best weights kept and test-evaluated, result.json, full checkpoints pruned
+The compiled code lives in `engine.py`; this module is the I/O around it. The train state on
+the device is immutable (each chunk returns a new one); the host's bookkeeping about it (Pack,
+Member: steps, best epoch, writers) is plain mutable Python.
 """
 
 import dataclasses
@@ -135,8 +137,10 @@ def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
     pack = _prepare(members, dataset, engine or engine_lib.Engine())
     if pack is not None:
         try:
-            _train(pack, stop_requested)
-            _finish(pack)
+            with SignalFlag() as signals:
+                _train(pack, signals, stop_requested)
+                signals.finishing = True
+                _finish(pack)
         finally:
             _close(pack)
     return [m.result for m in members]
@@ -155,15 +159,22 @@ def _check_member(member: Member) -> None:
     workdir_lib.read_jsonl(member.metrics_path, repair=True)  # we hold the lock
     checkpointing.check_layout(os.path.join(member.workdir, "checkpoints"))
     status = (previous or {}).get("status")
+    if previous is None and os.path.isdir(os.path.join(member.workdir, "best_weights")) and \
+            checkpointing.latest_step_on_disk(member.workdir) is None:
+        raise workdir_lib.WorkdirError(
+            f"{member.workdir} holds best_weights/ but neither result.json nor checkpoints: a "
+            "completed run whose result.json was lost. Move best_weights/ away to train it "
+            "again (or restore result.json).")
     if status == "completed" or (status == "diverged" and not changed):
         logging.info("Run in %s already finished: %s.", member.workdir, status)
         member.status, member.result = status, previous
 
 
-def _check_pack(members: List[Member], num_train: int) -> engine_lib.StaticSpec:
+def _check_pack(members: List[Member], dataset) -> engine_lib.StaticSpec:
     """The pack's one static structure; refuses members that cannot train together."""
+    num_train = len(dataset.train)
     for m in members:
-        config_checks.check_run_shape(m.config, num_train)
+        config_checks.check_run_shape(m.config, dataset)
     specs = {engine_lib.static_spec(m.config, num_train, len(members), jax.device_count())
              for m in members}
     pack_level = {(m.config.log_every_steps, m.config.evaluate_test) for m in members}
@@ -184,7 +195,7 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
     config = running[0].config
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.data)
-    programs = engine.programs(_check_pack(running, len(dataset.train)))
+    programs = engine.programs(_check_pack(running, dataset))
     abstract = jax.eval_shape(lambda: programs.init_state(config))
     try:
         for m in running:
@@ -284,15 +295,17 @@ def _log_start(pack: Pack) -> None:
 # Train.
 
 
-class _SignalFlag:
+class SignalFlag:
     """Turns SIGTERM/SIGINT into a flag the loop checks after every chunk of steps.
 
-    Further signals while stopping (a second Ctrl-C during the checkpoint save) only log one
-    line: the save always completes, so nothing half-written is left behind.
+    Further signals while stopping (a second Ctrl-C during the checkpoint save), and any signal
+    once training is done and the results are being written, only log one line: the work in
+    hand always completes, so nothing half-written is left behind.
     """
 
     def __init__(self):
         self.received: Optional[int] = None
+        self.finishing = False  # training is done; the results are being written
         self._previous = {}
 
     def __enter__(self):
@@ -305,6 +318,10 @@ class _SignalFlag:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.finishing:
+            logging.warning("%s: training is done; the run stops once its results are "
+                            "written (a few seconds).", name)
+            return
         if self.received is not None:
             logging.warning("%s again: already stopping; the checkpoint is being completed so "
                             "that the run can resume exactly.", name)
@@ -318,33 +335,33 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
-def _train(pack: Pack, stop_requested: Optional[Callable[[int], bool]]) -> None:
+def _train(pack: Pack, signals: "SignalFlag",
+           stop_requested: Optional[Callable[[int], bool]]) -> None:
     spec, programs = pack.spec, pack.programs
     eta = metric_writing.Eta(spec.total_steps, pack.step)
     every = pack.members[0].config.log_every_steps
-    with _SignalFlag() as signals:
-        stop = lambda: signals.received is not None or bool(  # noqa: E731
-            stop_requested and stop_requested(pack.step))
-        for epoch in range(pack.step // spec.steps_per_epoch, spec.num_epochs):
-            perms = programs.permutations(pack.states, epoch)
-            end = (epoch + 1) * spec.steps_per_epoch
-            t0, first = time.perf_counter(), pack.step
-            while pack.step < end:
-                n = min(end, (pack.step // every + 1) * every) - pack.step
-                pack.states, pack.progress = programs.train_chunk(
-                    pack.states, pack.progress, pack.images, pack.labels, perms, n)
-                pack.step += n
-                _after_chunk(pack, epoch, eta)
-                if not pack.running:
-                    return
-                if pack.step < end and stop():
-                    _add_train_time(pack, time.perf_counter() - t0)
-                    _preempt(pack, signals, epoch)
-            _end_epoch(pack, epoch, time.perf_counter() - t0, pack.step - first, eta)
+    stop = lambda: signals.received is not None or bool(  # noqa: E731
+        stop_requested and stop_requested(pack.step))
+    for epoch in range(pack.step // spec.steps_per_epoch, spec.num_epochs):
+        perms = programs.permutations(pack.states, epoch)
+        end = (epoch + 1) * spec.steps_per_epoch
+        t0, first = time.perf_counter(), pack.step
+        while pack.step < end:
+            n = min(end, (pack.step // every + 1) * every) - pack.step
+            pack.states, pack.progress = programs.train_chunk(
+                pack.states, pack.progress, pack.images, pack.labels, perms, n)
+            pack.step += n
+            _after_chunk(pack, epoch, eta)
             if not pack.running:
                 return
-            if epoch + 1 < spec.num_epochs and stop():
-                _preempt(pack, signals, epoch + 1)
+            if pack.step < end and stop():
+                _add_train_time(pack, time.perf_counter() - t0)
+                _preempt(pack, signals, epoch)
+        _end_epoch(pack, epoch, time.perf_counter() - t0, pack.step - first, eta)
+        if not pack.running:
+            return
+        if epoch + 1 < spec.num_epochs and stop():
+            _preempt(pack, signals, epoch + 1)
 
 
 def _learning_rate(member: Member, spec, step: int) -> float:
@@ -442,7 +459,7 @@ def _log_epoch(member: Member, record: Dict[str, Any], pack: Pack, eta) -> None:
                  record["epoch_time_s"], metric_writing.format_duration(eta.seconds_left()))
 
 
-def _preempt(pack: Pack, signals: _SignalFlag, epoch: int) -> None:
+def _preempt(pack: Pack, signals: SignalFlag, epoch: int) -> None:
     """Saves every running trial at the current step, waits for the saves, raises Preempted."""
     if pack.step % pack.spec.steps_per_epoch:  # mid-epoch: the epoch-end save did not cover it
         states, epoch_metrics = jax.device_get((pack.states, pack.progress.epoch))
@@ -469,7 +486,8 @@ def _preempt(pack: Pack, signals: _SignalFlag, epoch: int) -> None:
 def _write_result(member: Member, status: str, **fields) -> Dict[str, Any]:
     record = workdir_lib.result_record(
         member.config, status, "jax", **{
-            "best_val_accuracy": member.best_val, "best_epoch": member.best_epoch,
+            "best_val_accuracy": member.best_val if member.best_epoch else None,
+            "best_epoch": member.best_epoch or None,
             "train_time_s": member.train_time,
             "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}", **fields})
     workdir_lib.write_result(member.workdir, record)
@@ -478,27 +496,23 @@ def _write_result(member: Member, status: str, **fields) -> Dict[str, Any]:
 
 
 def _finish(pack: Pack) -> None:
-    """Test evaluation (one dispatch for the pack), result.json, best weights, pruning."""
+    """Best weights kept, test evaluation of those weights (one dispatch for the pack),
+    result.json, then the full checkpoints pruned."""
     running = pack.running
     if not running:
         return
     for m in running:
         m.ckpts.wait()
-    test = (engine_lib.evaluate(pack.programs, pack.states, pack.eval_data, "test")
-            if running[0].config.evaluate_test else None)
-    template = _restore_template(pack.abstract)
+    best = _keep_best_weights(pack)
+    test = _test_best(pack, best) if running[0].config.evaluate_test else {}
     for m in running:
-        i = pack.index(m)
-        t = test[i] if test else {"loss": None, "accuracy": None}
+        t = test.get(m.workdir, {"loss": None, "accuracy": None})
         if t["accuracy"] is not None:
             m.writer.write_scalars(pack.step, {"test/loss": t["loss"],
                                                "test/accuracy": t["accuracy"]})
         if not m.last_record:
             records = workdir_lib.read_jsonl(m.metrics_path)
             m.last_record = records[-1] if records else {}
-        best = m.ckpts.restore_best(template)
-        if best is not None:
-            m.ckpts.save_weights(_weights(best[1]["train_state"]))
         m.status = "completed"
         _write_result(m, "completed", num_params=pack.num_params, step=pack.step,
                       total_steps=pack.spec.total_steps,
@@ -507,13 +521,40 @@ def _finish(pack: Pack) -> None:
                       test_accuracy=t["accuracy"], test_loss=t["loss"],
                       images_per_sec=(pack.spec.total_steps * pack.spec.batch_size / m.train_time
                                       if m.train_time else None))
-        if best is not None and not m.config.keep_full_checkpoints:
+        if m.workdir in best and not m.config.keep_full_checkpoints:
             m.ckpts.remove_full_checkpoints()  # only once the result says completed
-        test_text = (f"test accuracy {100 * t['accuracy']:.2f}%, "
+        test_text = (f"test accuracy {100 * t['accuracy']:.2f}% (best epoch's weights), "
                      if t["accuracy"] is not None else "")
         logging.info("Finished %s: %sbest val accuracy %.2f%% (epoch %d), train time %s.",
                      m.workdir, test_text, 100 * m.best_val, m.best_epoch,
                      metric_writing.format_duration(m.train_time))
+
+
+def _keep_best_weights(pack: Pack) -> Dict[str, Dict[str, Any]]:
+    """Saves each trial's best epoch's weights (best_weights/); returns them by workdir."""
+    template = _restore_template(pack.abstract)
+    kept = {}
+    for m in pack.running:
+        found = m.ckpts.restore_best(template)
+        if found is not None:
+            kept[m.workdir] = _weights(found[1]["train_state"])
+            m.ckpts.save_weights(kept[m.workdir])
+    return kept
+
+
+def _test_best(pack: Pack, best: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """Test loss and accuracy of the weights each trial keeps (its best epoch's)."""
+    states = jax.device_get(pack.states)
+    members = []
+    for m in pack.running:
+        i = pack.index(m)
+        state = flax.serialization.to_state_dict(engine_lib.unstack(states, i))
+        members.append(flax.serialization.from_state_dict(
+            pack.abstract, {**state, **best.get(m.workdir, {})}))
+    members += [members[-1]] * (len(pack.members) - len(members))  # diverged: placeholders
+    results = engine_lib.evaluate(pack.programs, pack.programs.to_device(
+        engine_lib.stack(members)), pack.eval_data, "test")
+    return {m.workdir: r for m, r in zip(pack.running, results)}
 
 
 def _weights(state: Dict[str, Any]) -> Dict[str, Any]:

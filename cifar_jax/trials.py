@@ -123,8 +123,9 @@ def _values(text, cast, field: str) -> List[Any]:
 def _axis_text(grid, model: str, axis: Axis) -> Optional[str]:
     """The values of `axis` for `model`: a per-model override, else the grid's, else None."""
     per_model = grid.get("per_model") or {}
-    if model in per_model and axis.grid_field in per_model[model]:
-        return per_model[model][axis.grid_field]
+    override = (per_model.get(model) or {}).get(axis.grid_field)
+    if override is not None:
+        return override
     if axis.key == "dropout_rate":
         dropout_models = _values(grid.dropout_models, str, "dropout_models") \
             if grid.get("dropout_models") else []
@@ -172,14 +173,13 @@ def restrict(config: ml_collections.ConfigDict, selections: Dict[str, Dict[str, 
     """`config` with its grid narrowed to one configuration per model (`selections`: model ->
     axis values, e.g. from another grid's report); the seeds axis stays the config's own."""
     config = config.copy_and_resolve_references()
+    axes = {a.key: a for a in AXES}
     with config.unlocked():
         config.grid.models = ",".join(selections)
-        per_model = ml_collections.ConfigDict()
-        axes = {a.key: a for a in AXES}
         for model, values in selections.items():
-            per_model[model] = {axes[k].grid_field: str(v) for k, v in values.items()
-                                if k != "seed"}
-        config.grid.per_model = per_model
+            for key, value in values.items():
+                if key != "seed":
+                    config.grid.per_model[model][axes[key].grid_field] = str(value)
     return config
 
 

@@ -68,6 +68,16 @@ def read_json(path: str) -> Optional[Any]:
         raise WorkdirError(f"{path} is a directory where a JSON file belongs; move it away.") from e
 
 
+def read_json_object(path: str) -> Optional[Dict[str, Any]]:
+    """`read_json` for files that must hold a JSON object (result.json, config.json)."""
+    value = read_json(path)
+    if value is not None and not isinstance(value, dict):
+        raise WorkdirError(f"{path} holds {type(value).__name__} JSON where an object belongs: "
+                           "it was damaged or written by something else. Move it away and run "
+                           "again.")
+    return value
+
+
 def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(dict(record)) + "\n")
@@ -92,7 +102,12 @@ def read_jsonl(path: str, repair: bool = False) -> List[Dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+                raise WorkdirError(f"{path}, line {number}, is not a per-epoch record (a JSON "
+                                   "object with an integer step). Move the file away (or delete "
+                                   "that line) and run again.")
+            records.append(record)
         except json.JSONDecodeError as e:
             if number != len(lines):  # a complete line (newline-terminated) that is damaged
                 raise WorkdirError(f"{path}, line {number}, is not valid JSON ({e}). Move the "
@@ -199,9 +214,10 @@ class RunLock:
     def _read_info(path: str) -> Dict[str, Any]:
         try:
             with open(path) as f:
-                return json.loads(f.read() or "{}")
-        except (OSError, json.JSONDecodeError):
+                info = json.loads(f.read() or "{}")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return {}
+        return info if isinstance(info, dict) else {}
 
     def try_acquire(self, blocking: bool = False) -> bool:
         """Takes the lock; False when a live process holds it (or waits, when blocking)."""
@@ -243,8 +259,12 @@ class RunLock:
                 f"{self.path} names process {previous.get('pid')} on host {previous.get('host')}, "
                 f"which this host ({host}) cannot check. If that process is gone, delete "
                 f"{self.path} and run again.")
-        state = ("no longer running" if not _process_alive(int(previous.get("pid", -1)))
-                 else "a reused process id; its lock was released")
+        try:
+            alive = _process_alive(int(previous.get("pid", -1)))
+        except (TypeError, ValueError):
+            alive = None
+        state = {False: "no longer running", True: "a reused process id; its lock was released",
+                 None: "its process id is unreadable; its lock was released"}[alive]
         logging.warning("Taking over %s from process %s on %s (started %s): %s.", self.path,
                         previous.get("pid"), host, previous.get("started", "?"), state)
 
@@ -285,9 +305,16 @@ def check_stored_config(config, workdir: str) -> List[str]:
     Writes nothing: the caller stores the config once every start-up check has passed.
     """
     path = os.path.join(workdir, "config.json")
-    stored = read_json(path)
+    stored = read_json_object(path)
     if stored is None:
         return []
+    fixed = config_checks.fixed_field_changes(stored, config)
+    if fixed:
+        raise config_checks.ConfigError(
+            f"{workdir!r} holds a run whose checkpoints do not fit this config:\n  " +
+            "\n  ".join(fixed) + "\nThese fields change the number of steps, the data or the "
+            "saved state, so even allow_config_change cannot resume across them: use a new "
+            "--workdir.")
     diffs = config_checks.result_changing_differences(stored, config)
     if diffs and not config.allow_config_change:
         raise config_checks.ConfigError(
@@ -326,4 +353,4 @@ def write_result(workdir: str, record: Mapping[str, Any]) -> None:
 
 
 def read_result(workdir: str) -> Optional[Dict[str, Any]]:
-    return read_json(os.path.join(workdir, "result.json"))
+    return read_json_object(os.path.join(workdir, "result.json"))

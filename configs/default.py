@@ -61,8 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.synthetic_train_size = 2000
     config.data.synthetic_test_size = 500
 
-    # Evaluate the test split on the final weights at the end. configs/grid.py sets False: the
-    # grid's report evaluates the selected trials only, on their best epoch's weights.
+    # Evaluate the test split at the end, on the best epoch's weights (the ones kept).
+    # configs/grid.py sets False: the grid's report evaluates the selected trials only.
     config.evaluate_test = True
 
     # Steps per dispatch: the host syncs, logs one progress line, checks for a non-finite loss

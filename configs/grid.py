@@ -36,6 +36,16 @@ def get_config() -> ml_collections.ConfigDict:
     # After the grid: rerun each model's selected configuration with these seeds (e.g. "1,2");
     # the report then gives its test accuracy as mean and std over all its seeds.
     grid.repeat_selected_seeds = ""
-    # Per-model sweep values overriding the ones above, e.g. per_model.alexnet.learning_rate.
-    grid.per_model = ml_collections.ConfigDict()
+    # Per-model sweep values overriding the ones above (None = the grid's), e.g.
+    # --config.grid.per_model.alexnet.learning_rate=0.001,0.02
+    grid.per_model = per_model_fields()
     return config
+
+
+def per_model_fields() -> ml_collections.ConfigDict:
+    """per_model.<model>.<axis>, every one None (unset) and settable from the command line."""
+    axes = ("optimizer", "learning_rate", "weight_decay", "augmentation", "dropout_rate",
+            "label_smoothing", "warmup_epochs", "ema_decay")
+    return ml_collections.ConfigDict({
+        model: {axis: ml_collections.FieldReference(None, field_type=str) for axis in axes}
+        for model in ("resnet18", "alexnet", "mobilenetv2", "resnet50")})

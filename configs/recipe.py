@@ -35,8 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     g.dropout_rate = "0.0"
     g.seeds = "0,1,2"
     g.default_trial = ""  # no untuned baseline in this grid
-    g.per_model = ml_collections.ConfigDict({
-        "alexnet": {"learning_rate": "0.02", "dropout_rate": "0.5"},  # no BatchNorm: lower lr
-        "mobilenetv2": {"weight_decay": "1e-4", "dropout_rate": "0.2"},
-    })
+    g.per_model.alexnet.learning_rate = "0.02"  # no BatchNorm: a lower peak
+    g.per_model.alexnet.dropout_rate = "0.5"
+    g.per_model.mobilenetv2.weight_decay = "1e-4"
+    g.per_model.mobilenetv2.dropout_rate = "0.2"
     return config

@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     g.label_smoothing = "0.0,0.1"
     g.ema_decay = "0.0,0.999"
     g.dropout_rate = "0.0,0.2"
-    g.per_model = ml_collections.ConfigDict({
-        "alexnet": {"learning_rate": "0.01,0.02", "dropout_rate": "0.3,0.5"},
-    })
+    g.per_model.mobilenetv2.weight_decay = None  # searched like the others
+    g.per_model.mobilenetv2.dropout_rate = None
+    g.per_model.alexnet.learning_rate = "0.01,0.02"
+    g.per_model.alexnet.dropout_rate = "0.3,0.5"
     return config

@@ -33,6 +33,23 @@ def test_misspelt_field_is_one_line_with_the_suggestion(tmp_path):
         "\"learning_rat\"? (see --help)"]
 
 
+def test_workdir_must_be_a_directory_name(tmp_path):
+    for workdir in ("", "--config.num_epochs=1"):
+        proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir", workdir)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir")
+    assert not os.path.exists(os.path.join(ROOT, "config.json"))
+
+
+def test_divergence_is_reported_once_with_exit_3(tmp_path):
+    proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
+                "--config.learning_rate=1e30", "--config.num_epochs=1", "--config.batch_size=50",
+                "--config.data.synthetic_train_size=200", "--config.data.val_size=100",
+                "--config.data.synthetic_test_size=50", "--config.eval_batch_size=50",
+                "--config.log_every_steps=1", CACHE_FLAG)
+    assert proc.returncode == 3
+    assert proc.stderr.count("Non-finite loss") == 1 and "Traceback" not in proc.stderr
+
+
 def test_invalid_config_is_one_error_line_before_anything_runs(tmp_path):
     proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir",
                 str(tmp_path / "w"), "--config.model=vgg16", "--config.learning_rate=nan",

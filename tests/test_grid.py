@@ -58,6 +58,14 @@ def test_dry_run_lists_the_default_grid():
     assert proc.stdout.count(" alexnet ") == 32 and proc.stdout.count(" resnet18 ") == 16
     assert "adam_lr0.001_wd1e-4_basic_do0.3" in proc.stdout
     assert not os.path.exists("/nonexistent/never/written")
+    # Per-model values from the command line; a dry run validates every trial.
+    proc = subprocess.run([sys.executable, "-m", "cifar_jax.main", "--config", "configs/grid.py",
+                           "--workdir", "/nonexistent/never/written", "--dry_run",
+                           "--config.grid.per_model.alexnet.learning_rate=0.1",
+                           "--config.grid.per_model.resnet18.weight_decay=nan"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "config.weight_decay=nan" in proc.stderr
+    assert "(trials: sgd_lr0.001_wdnan_basic" in proc.stderr
 
 
 def test_trial_names_and_overrides():
@@ -70,7 +78,7 @@ def test_trial_names_and_overrides():
     assert (tc.model, tc.learning_rate, tc.seed, tc.dropout_rate) == ("alexnet", 0.01, 1, 0.5)
     assert "grid" not in tc
     # Per-model sweep values and optional axes (label smoothing) enter the names.
-    c.grid.per_model.alexnet = {"learning_rate": "0.05"}
+    c.grid.per_model.alexnet.learning_rate = "0.05"
     c.grid.models = "alexnet,resnet18"
     names = {(t.model, t.name) for t in trials.expand(c)}
     assert ("alexnet", "adam_lr0.05_wd1e-4_basic_do0.5") in names

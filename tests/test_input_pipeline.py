@@ -244,7 +244,7 @@ def test_cifar_dir_refuses_malformed_batches(cifar_pickle_dir):
         "dtype": {b"data": np.zeros((20, 3072), np.float32), b"labels": [0] * 20},
     }
     messages = {"row length": r"shape \(20, 3000\), expected \(N, 3072\)",
-                "label count": "19 labels for 20 images", "label range": "labels outside 0..9",
+                "label count": r"labels of shape \(19,\) for 20 images", "label range": "labels outside 0..9",
                 "dtype": "dtype float32, expected uint8"}
     for case, batch in cases.items():
         with open(os.path.join(path, "data_batch_3"), "wb") as f:

@@ -202,10 +202,10 @@ def test_twin_resumes_by_the_same_rules_as_jax(tmp_path, tiny_config, monkeypatc
 
     real_epoch = torch_train._Run._train_epoch
 
-    def interrupted_in_epoch_two(self):
+    def interrupted_in_epoch_two(self, *args, **kwargs):
         if self.epoch == 1:
-            raise KeyboardInterrupt  # Ctrl-C: epoch 1's checkpoint stays
-        return real_epoch(self)
+            raise KeyboardInterrupt  # the process dies: epoch 1's checkpoint stays
+        return real_epoch(self, *args, **kwargs)
 
     monkeypatch.setattr(torch_train._Run, "_train_epoch", interrupted_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
@@ -238,23 +238,27 @@ def test_twin_refuses_a_batch_larger_than_the_training_set(tmp_path, tiny_config
 
 
 def test_twin_resume_is_exact_and_divergence_is_recorded(tmp_path, tiny_config, monkeypatch):
-    """Dropout draws from torch's global generator: it is checkpointed, so an interrupted and
-    resumed twin run ends identical to a straight one. A non-finite loss ends 'diverged'."""
+    """SIGTERM stops the twin with status 'preempted'; dropout draws from torch's global
+    generator, which is checkpointed, so the resumed run ends identical to a straight one. A
+    non-finite loss ends 'diverged'."""
     import json
+    import os
+    import signal
 
     from cifar_jax import train as jax_train
 
     straight = torch_train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
     real_epoch = torch_train._Run._train_epoch
 
-    def interrupted_in_epoch_two(self):
+    def terminated_in_epoch_two(self, *args, **kwargs):
         if self.epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(self)
+            os.kill(os.getpid(), signal.SIGTERM)  # as SLURM would
+        return real_epoch(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch_train._Run, "_train_epoch", interrupted_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(torch_train._Run, "_train_epoch", terminated_in_epoch_two)
+    with pytest.raises(jax_train.Preempted, match="Stopped by SIGTERM in epoch 2"):
         torch_train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    assert json.load(open(tmp_path / "resumed" / "result.json"))["status"] == "preempted"
     monkeypatch.undo()
     resumed = torch_train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
     drop = ("train_time_s", "images_per_sec")

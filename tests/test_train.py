@@ -43,9 +43,16 @@ def test_short_run_learns_and_writes_outputs(tiny_config, tmp_path):
     assert again == result
     assert len(_read_jsonl(tmp_path / "metrics.jsonl")) == 3
 
-    # A result-changing config change is refused, naming the field.
+    # A result-changing config change is refused, naming the field; one the checkpoints cannot
+    # follow is refused even with allow_config_change.
     tiny_config.learning_rate = 0.01
     with pytest.raises(config_checks.ConfigError, match="learning_rate: stored 0.001, now 0.01"):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    tiny_config.allow_config_change = True
+    tiny_config.batch_size = 16
+    with pytest.raises(config_checks.ConfigError, match=r"(?s)do not fit this config:\n  "
+                                                        r"batch_size: stored 32, now 16.*new "
+                                                        r"--workdir"):
         train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
@@ -166,6 +173,12 @@ def test_data_dependent_checks_write_nothing(tiny_config, tmp_path):
     assert not os.path.exists(tmp_path / "config.json")
     assert not os.path.exists(tmp_path / "checkpoints")
     tiny_config.batch_size = 32
+    tiny_config.eval_batch_size = 10**8  # would pad the evaluation arrays to 10^8 images
+    with pytest.raises(config_checks.ConfigError, match="eval_batch_size=100000000 is larger "
+                                                        "than the largest evaluation split"):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "config.json")
+    tiny_config.eval_batch_size = 64
     tiny_config.num_epochs = 1
     assert train.train_and_evaluate(tiny_config, str(tmp_path))["status"] == "completed"
 

@@ -79,6 +79,8 @@ def test_atomic_json_and_partial_jsonl_line(tmp_path, caplog):
 @pytest.mark.parametrize("damage,message", [
     ("result.json", r"result.json is not valid JSON"),
     ("config.json", r"config.json is not valid JSON"),
+    ("result-kind", r"result.json holds str JSON where an object belongs"),
+    ("metrics-kind", r"metrics.jsonl, line 1, is not a per-epoch record"),
     ("checkpoints-file", r"checkpoints is a file, where the checkpoint directory belongs"),
     ("foreign", r"checkpoints holds entries that are not checkpoints: notes.txt"),
 ])
@@ -88,11 +90,18 @@ def test_damaged_workdir_is_refused_at_start_up(tiny_config, tmp_path, damage, m
     elif damage == "foreign":
         (tmp_path / "checkpoints").mkdir()
         (tmp_path / "checkpoints" / "notes.txt").write_text("x")
+    elif damage == "result-kind":
+        (tmp_path / "result.json").write_text('"done"')
+    elif damage == "metrics-kind":
+        (tmp_path / "metrics.jsonl").write_text('{"epoch": 9, "step": "x"}\n')
     else:
         (tmp_path / damage).write_text("{not json")
     with pytest.raises(WorkdirError, match=message):
         train.train_and_evaluate(tiny_config, str(tmp_path))
-    assert not (tmp_path / "metrics.jsonl").exists()  # refused before training began
+    if damage == "metrics-kind":  # left as it was, for the user to look at
+        assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 9, "step": "x"}\n'
+    else:
+        assert not (tmp_path / "metrics.jsonl").exists()  # refused before training began
 
 
 class _FailedWrite:

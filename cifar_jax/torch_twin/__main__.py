@@ -19,6 +19,7 @@ def main(argv):
     del argv
     from cifar_jax.torch_twin import train
 
+    cli.check_workdir_flag(FLAGS.workdir)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

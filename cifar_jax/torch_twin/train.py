@@ -8,6 +8,7 @@ epoch end and resumed from; checkpoints are loaded with `weights_only=True`.
 
 import math
 import os
+import signal
 import time
 from typing import Any, Dict, Optional
 
@@ -124,7 +125,7 @@ def train_locked(config, workdir: str,
         logging.info("Run in %s already finished: %s.", workdir, status)
         return previous
     data = dataset if dataset is not None else input_pipeline.load_dataset(config.data)
-    config_checks.check_run_shape(config, len(data.train))
+    config_checks.check_run_shape(config, data)
     workdir_lib.store_config(config, workdir)  # every check has passed
     return _Run(config, workdir, data).train()
 
@@ -183,7 +184,9 @@ class _Run:
             group["initial_lr"], group["lr"] = lr, lr * multiplier
         self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
 
-    def _train_epoch(self) -> Dict[str, Any]:
+    def _train_epoch(self, stop=lambda: False) -> Optional[Dict[str, Any]]:
+        """One epoch; None when `stop()` turned true first (the epoch is then redone on
+        resume, from the previous epoch's checkpoint)."""
         config, model = self.config, self.model
         model.train()
         perm = torch.randperm(len(self.data.train), generator=self.generator).numpy()
@@ -192,6 +195,8 @@ class _Run:
         correct = torch.zeros((), device=self.device)
         seen = 0
         for i in range(self.steps_per_epoch):
+            if stop():
+                return None
             idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
             x = augment.augment(self.data.train.images[idx], config.data.augmentation,
                                 self.generator).to(self.device, non_blocking=True)
@@ -258,32 +263,49 @@ class _Run:
         result = workdir_lib.result_record(
             self.config, status, "torch",
             num_params=sum(p.numel() for p in self.model.parameters()),
-            total_steps=self.total_steps, best_val_accuracy=self.best_val,
-            best_epoch=self.best_epoch, final_val_accuracy=record.get("val_accuracy"),
+            total_steps=self.total_steps,
+            best_val_accuracy=self.best_val if self.best_epoch else None,
+            best_epoch=self.best_epoch or None, final_val_accuracy=record.get("val_accuracy"),
             final_val_loss=record.get("val_loss"), train_time_s=self.train_time,
             devices=f"1x {device}", **fields)
         workdir_lib.write_result(self.workdir, result)
         return result
 
     def train(self) -> Dict[str, Any]:
+        from cifar_jax.train import Preempted, SignalFlag
+
         config, record = self.config, {}
-        while self.epoch < config.num_epochs:
-            record = self._train_epoch()
-            if not math.isfinite(record["train_loss"]):
-                error = (f"Non-finite loss in epoch {self.epoch} (the twin checks once per "
-                         f"epoch). The last good checkpoint is epoch {self.epoch - 1}'s, in "
-                         f"{self.checkpoint_path}.")
-                logging.error("[torch] %s", error)
-                return self._result("diverged", record, step=(self.epoch - 1) *
-                                    self.steps_per_epoch, error=error)
-            self._end_epoch(record)
+        with SignalFlag() as signals:
+            while self.epoch < config.num_epochs:
+                record = self._train_epoch(stop=lambda: signals.received is not None)
+                if record is None:
+                    self._result("preempted", {}, step=self.epoch * self.steps_per_epoch)
+                    raise Preempted(
+                        f"Stopped by {signal.Signals(signals.received).name} in epoch "
+                        f"{self.epoch + 1}; the twin saves at epoch ends, so the rerun resumes "
+                        f"from the end of epoch {self.epoch} in {self.workdir}.")
+                if not math.isfinite(record["train_loss"]):
+                    return self._result("diverged", record, step=(self.epoch - 1) *
+                                        self.steps_per_epoch, error=self._divergence())
+                self._end_epoch(record)
+        return self._complete(record)
+
+    def _divergence(self) -> str:
+        error = (f"Non-finite loss in epoch {self.epoch} (the twin checks once per epoch). The "
+                 f"last good checkpoint is epoch {self.epoch - 1}'s, in {self.checkpoint_path}.")
+        logging.error("[torch] %s", error)
+        return error
+
+    def _complete(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Test evaluation of the weights the run keeps (its best epoch's, torch_best.pt), as
+        on the JAX side, and the completed result."""
+        config = self.config
         if not record:
             records = workdir_lib.read_jsonl(self.metrics_path)
             record = records[-1] if records else {}
         test = {"loss": None, "accuracy": None}
         if config.evaluate_test:
-            test = evaluate(self.model, self.data.test, config.eval_batch_size, self.device,
-                            config.tta_flip)
+            test = evaluate_checkpoint(config, self.workdir, self.data.test)
         result = self._result(
             "completed", record, step=self.total_steps, test_accuracy=test["accuracy"],
             test_loss=test["loss"], images_per_sec=(self.total_steps * config.batch_size /

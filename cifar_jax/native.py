@@ -1,4 +1,7 @@
-"""The one place that touches TensorFlow's runtime (used by tfds and TensorBoard writers)."""
+"""Native libraries that print to the stderr file descriptor themselves, past Python's logging:
+TensorFlow at import (its oneDNN and CPU-feature notices), tensorstore after a failed checkpoint
+read (tracebacks of callbacks into orbax's closed event loop). The one place that touches
+TensorFlow's runtime, too (used by the tfds data source)."""
 
 import contextlib
 import os
@@ -8,9 +11,9 @@ from absl import logging
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    """Silences what C++ libraries print to the stderr file descriptor at import time
-    (TensorFlow announces its oneDNN and CPU-feature builds there, before any log config)."""
+def quiet_stderr():
+    """Silences what is written to the stderr file descriptor inside the block (the caller
+    logs what matters after it)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -31,7 +34,7 @@ def import_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             import tensorflow as tf
     except ImportError:
         return None
