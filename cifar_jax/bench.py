@@ -154,10 +154,7 @@ def bench_jax(model: str, variant: str, pack_size: int, precision: str) -> Dict[
     chunk()  # settle
     rate = _median_rate(chunk, pack_size * n, FLAGS.windows)
     split = input_pipeline.Split(images[:FLAGS.eval_batch_size], labels[:FLAGS.eval_batch_size])
-    eval_data = engine_lib.put_eval_splits({"x": split}, FLAGS.eval_batch_size, programs)
-    engine_lib.evaluate(programs, states, eval_data, "x")
-    eval_rate = _median_rate(lambda: engine_lib.evaluate(programs, states, eval_data, "x"),
-                             pack_size * len(split), max(3, FLAGS.windows))
+    eval_rate = _jax_eval_rate(programs, states, split, pack_size)
     stats = jax.devices()[0].memory_stats() or {}  # None on the CPU
     return {"framework": "jax", "model": model, "variant": variant, "dtype": dtype,
             "precision": precision, "pack_size": pack_size, "train_images_per_s": rate,
@@ -165,6 +162,32 @@ def bench_jax(model: str, variant: str, pack_size: int, precision: str) -> Dict[
             "eval_images_per_s": eval_rate,
             "memory_mb": stats.get("bytes_in_use", 0) / 2**20 or None,
             "device": jax.devices()[0].device_kind}
+
+
+def _jax_eval_rate(programs, states, split, pack_size: int) -> float:
+    """Evaluation images/s over one padded split (all trials of the pack)."""
+    from cifar_jax import engine as engine_lib
+
+    eval_data = engine_lib.put_eval_splits({"x": split}, FLAGS.eval_batch_size, programs)
+    engine_lib.evaluate(programs, states, eval_data, "x")  # compile
+    return _median_rate(lambda: engine_lib.evaluate(programs, states, eval_data, "x"),
+                        pack_size * len(split), max(3, FLAGS.windows))
+
+
+def _torch_eval_rate(forward, device, fmt, amp: bool, sync) -> float:
+    """Evaluation images/s of the (possibly compiled) network in eval mode."""
+    import torch
+
+    xe = torch.randn(FLAGS.eval_batch_size, 3, 32, 32, device=device).to(memory_format=fmt)
+
+    @torch.no_grad()
+    def evaluate():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            forward(xe)
+        sync()
+
+    evaluate()  # compile / warm up
+    return _median_rate(evaluate, FLAGS.eval_batch_size, max(3, FLAGS.windows))
 
 
 def bench_torch(model: str, variant: str, precision: str) -> Dict[str, Any]:
@@ -212,16 +235,7 @@ def bench_torch(model: str, variant: str, precision: str) -> Dict[str, Any]:
 
     rate = _median_rate(chunk, FLAGS.chunk_steps * FLAGS.batch_size, FLAGS.windows)
     net.eval()
-    xe = torch.randn(FLAGS.eval_batch_size, 3, 32, 32, device=device).to(memory_format=fmt)
-
-    @torch.no_grad()
-    def evaluate():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            forward(xe)
-        sync()
-
-    evaluate()
-    eval_rate = _median_rate(evaluate, FLAGS.eval_batch_size, max(3, FLAGS.windows))
+    eval_rate = _torch_eval_rate(forward, device, fmt, amp, sync)
     return {"framework": "torch", "model": model, "variant": variant,
             "dtype": "bfloat16-amp" if amp else "float32", "precision": precision,
             "pack_size": 1, "train_images_per_s": rate, "first_step_cold_s": first,

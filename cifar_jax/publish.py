@@ -13,7 +13,6 @@ the README are never typed by hand.
 """
 
 import csv
-import json
 import os
 import shutil
 import statistics

@@ -13,7 +13,6 @@ Member: steps, best epoch, writers) is plain mutable Python.
 """
 
 import dataclasses
-import math
 import os
 import signal
 import time
