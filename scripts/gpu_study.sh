@@ -17,7 +17,8 @@
 # into OUT_DIR/results.tar.gz; OUT_DIR/run_log.json records the commands, package versions,
 # device and wall times that `python -m cifar_jax.publish --run_log` turns into REPRODUCE.md.
 # Images with JAX, flax, optax and orbax but without clu, ml_collections or dm-pix take them as
-# pure-Python wheels from .whl/ (see the device README).
+# pure-Python wheels from .whl/: scripts/prepare_device.sh puts them there, with the data in
+# .device/data/, and says what a device call carries.
 set -uo pipefail
 PHASE=${1:?usage: gpu_study.sh PHASE OUT_DIR DATA_SOURCE [overrides...]}
 OUT=${2:?usage: gpu_study.sh PHASE OUT_DIR DATA_SOURCE [overrides...]}
