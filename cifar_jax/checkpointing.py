@@ -141,7 +141,7 @@ class Checkpoints:
         except Exception as e:
             raise self._write_error(e) from e
 
-    def _write_error(self, error: BaseException) -> WorkdirError:
+    def _write_error(self, error: BaseException) -> workdir_lib.WriteError:
         return workdir_lib.write_error(self.directory, error, self._last_size,
                                        "save a checkpoint")
 

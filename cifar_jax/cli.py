@@ -35,8 +35,9 @@ def check_workdir_flag(workdir: str) -> None:
                          "directory right after --workdir.")
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived outside training (which installs its own handler)."""
+class _Terminated(BaseException):
+    """SIGTERM arrived outside training (which installs its own handler). Not an Exception, so
+    that no `except Exception` (a grid isolating a trial's failure) takes it for a failure."""
 
 
 def _on_sigterm(signum, frame):

@@ -107,6 +107,10 @@ def _check_no_effect(errors: List[str], config) -> None:
     if config.framework == "torch" and config.ema_decay > 0:
         errors.append("config.ema_decay > 0 is not implemented by the PyTorch twin; set it to 0 "
                       "or use framework 'jax'.")
+    if config.framework == "torch" and config.dtype != "float32":
+        errors.append(f"config.dtype={config.dtype!r} is not implemented by the PyTorch twin "
+                      "(it trains in float32; `cifar_jax.bench` measures its AMP speed); set "
+                      "'float32' or use framework 'jax'.")
 
 
 def _check_data_source(errors: List[str], config) -> None:

@@ -8,6 +8,7 @@ Trials of one model that share a static structure train together in packs of up 
 `config.grid.pack_size` (0: the measured best for this device, see PACK_SIZES).
 """
 
+import errno
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -56,6 +57,10 @@ def validate(config, trials: Sequence[Trial]) -> None:
         raise config_checks.ConfigError(f"config.grid.pack_size={config.grid.pack_size!r} is "
                                         "not valid; expected 0 (automatic) or a positive integer.")
     trials_lib.repeat_seeds(config)  # refuses a malformed value now, not after the grid
+    if config.evaluate_test:
+        raise config_checks.ConfigError(
+            "config.evaluate_test=True in a grid would test every trial; the report tests only "
+            "each model's selected configuration. Leave it False (as configs/grid.py sets it).")
     # The twin runs on one device; asking JAX for its devices would start its GPU backend.
     devices = 1 if config.framework == "torch" else jax.device_count()
     errors = {}
@@ -136,30 +141,38 @@ class _Runner:
 
     def _train(self, pack: List[Trial]) -> None:
         try:
-            results = self._run(pack)
-        except (train.Preempted, KeyboardInterrupt):
-            raise  # the whole grid stops; rerunning resumes these trials
+            results, error, oom = self._run(pack), None, False
+        except (train.Preempted, KeyboardInterrupt, workdir_lib.WriteError):
+            raise  # the whole grid stops; rerunning (after the fix) resumes these trials
         except Exception as e:  # isolation: record and go on
-            if not (_out_of_memory(e) and len(pack) > 1):
-                logging.error("Grid: %s failed: %s: %s", ", ".join(t.name for t in pack),
-                              type(e).__name__, e)
-                self._fail(pack, f"{type(e).__name__}: {e}")
-                return
-            results = None  # retried below, outside this block: the failed pack's device
-            # buffers are released with the exception, before the halves allocate theirs
+            if _write_failure(e):
+                raise
+            # Retried below, outside this block: the failed pack's device buffers are
+            # released with the exception, before the retries allocate theirs.
+            results, error, oom = None, f"{type(e).__name__}: {e}", _out_of_memory(e)
         if results is None:
-            half = len(pack) // 2
-            logging.warning("Grid: a pack of %d %s trials ran out of device memory; retrying "
-                            "as packs of %d and %d.", len(pack), pack[0].model, half,
-                            len(pack) - half)
-            self._train(pack[:half])
-            self._train(pack[half:])
+            self._retry_or_fail(pack, error, oom)
             return
         for t, r in zip(pack, results):
             if r["status"] == "completed":
                 self.done += 1
             else:
                 self.failed.append(t)
+
+    def _retry_or_fail(self, pack: List[Trial], error: str, oom: bool) -> None:
+        """A failed pack: out of memory, as two smaller packs; otherwise each trial alone, so
+        that one trial's problem (a damaged file, a changed config) fails only that trial."""
+        if len(pack) == 1:
+            logging.error("Grid: %s/%s failed: %s", pack[0].model, pack[0].name, error)
+            self._fail(pack, error)
+            return
+        half = len(pack) // 2
+        parts = [pack[:half], pack[half:]] if oom else [[t] for t in pack]
+        logging.warning("Grid: a pack of %d %s trials %s; retrying as %s.", len(pack),
+                        pack[0].model, "ran out of device memory" if oom else f"failed ({error})",
+                        f"packs of {half} and {len(pack) - half}" if oom else "single trials")
+        for part in parts:
+            self._train(part)
 
     def _run(self, pack: List[Trial]) -> List[Dict[str, Any]]:
         configs = [trials_lib.trial_config(self.config, t) for t in pack]
@@ -175,6 +188,12 @@ class _Runner:
         if write:
             for t in pack:
                 _record_failure(self.directory(t), t, error)
+
+
+def _write_failure(error: BaseException) -> bool:
+    """A failed write (full disk, read-only, no permission): every later trial would fail too."""
+    return isinstance(error, OSError) and error.errno in (
+        errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
 
 
 def _out_of_memory(error: BaseException) -> bool:

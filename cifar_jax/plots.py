@@ -100,7 +100,7 @@ def comparison_figure(selected: Dict[str, List[Dict[str, Any]]]):
     and its training throughput."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "num_params", "parameters (millions)"),
-                           (axes[1], "images_per_sec", "training images/s")):
+                           (axes[1], "images_per_sec", "training images/s per trial")):
         for model, rows in selected.items():
             tests = [r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None]
             xs = [r[key] for r in rows if r.get(key) is not None]

@@ -33,8 +33,9 @@ HYPERPARAMETERS = ("optimizer", "learning_rate", "weight_decay", "augmentation",
 CSV_COLUMNS = ("framework", "model", "name", "optimizer", "learning_rate", "weight_decay",
                "augmentation", "dropout_rate", "label_smoothing", "warmup_epochs", "ema_decay",
                "seed", "num_epochs", "status", "best_val_accuracy", "best_epoch",
-               "final_val_accuracy", "final_val_loss", "test_accuracy", "selected", "num_params",
-               "train_time_s", "images_per_sec", "error")
+               "best_val_loss", "final_val_accuracy", "final_val_loss", "test_accuracy",
+               "selected", "num_params", "train_time_s", "images_per_sec", "pack_size",
+               "error")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,8 +51,13 @@ def collect(workdir: str, trials: Sequence[Trial]) -> List[Dict[str, Any]]:
         if status not in ("unreadable", "mismatched"):
             result = workdir_lib.read_result(os.path.join(workdir, t.relpath)) or {}
         row = {key: result.get(key) for key in CSV_COLUMNS}
+        if result.get("best_epoch"):
+            row["best_val_loss"] = _val_loss_at(os.path.join(workdir, t.relpath),
+                                                result["best_epoch"])
         row.update(t.hyperparameters(), name=t.name, trial=t, status=status,
                    selected=bool(result.get("selected")))
+        if not row["selected"]:  # the test split is reported for selected trials only
+            row["test_accuracy"] = None
         if status == "mismatched":
             row["error"] = trials_lib.mismatch(
                 t, workdir_lib.read_result(os.path.join(workdir, t.relpath)))
@@ -59,6 +65,16 @@ def collect(workdir: str, trials: Sequence[Trial]) -> List[Dict[str, Any]]:
             row["error"] = f"{t.relpath}/result.json is not valid JSON"
         rows.append(row)
     return rows
+
+
+def _val_loss_at(directory: str, epoch: int) -> Optional[float]:
+    """The validation loss of one epoch, from the trial's metrics.jsonl (the selection's
+    tie-break: the loss that goes with the best epoch's accuracy)."""
+    try:
+        records = workdir_lib.read_jsonl(os.path.join(directory, "metrics.jsonl"))
+    except workdir_lib.WorkdirError:
+        return None
+    return next((r.get("val_loss") for r in records if r.get("epoch") == epoch), None)
 
 
 @dataclasses.dataclass
@@ -78,22 +94,31 @@ class Configuration:
 
     @property
     def mean_val_loss(self) -> float:
-        losses = self.values("final_val_loss")
+        """At the best epoch."""
+        losses = self.values("best_val_loss")
         return statistics.mean(losses) if losses else math.inf
 
 
 def configurations(rows) -> Dict[str, List[Configuration]]:
-    """Per model, the configurations with at least one completed trial, best first."""
+    """Per model, the configurations whose every grid seed completed, best first. A seed that
+    diverged or failed rules its configuration out: the mean of the survivors would flatter an
+    unstable setting. Ties go to the lower validation loss at the best epoch."""
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in rows:
-        if r["status"] == "completed" and r["best_val_accuracy"] is not None:
-            groups.setdefault((r["model"], r["trial"].config_name), []).append(r)
+        groups.setdefault((r["model"], r["trial"].config_name), []).append(r)
     out: Dict[str, List[Configuration]] = {}
     for (model, name), members in groups.items():
-        out.setdefault(model, []).append(Configuration(model, name, members))
+        if all(r["status"] == "completed" and r["best_val_accuracy"] is not None
+               for r in members):
+            out.setdefault(model, []).append(Configuration(model, name, members))
     for configs in out.values():
         configs.sort(key=lambda c: (-c.mean_val, c.mean_val_loss))
     return out
+
+
+def open_models(rows) -> set:
+    """Models with grid trials still to run (or running): their selection is provisional."""
+    return {r["model"] for r in rows if r["status"] in ("pending", "interrupted", "preempted")}
 
 
 def mean_std(values: Sequence[float]) -> tuple:
@@ -183,9 +208,8 @@ def _mark_selected(workdir, config, rows, selected: Dict[str, List[Dict[str, Any
 def best_configurations(workdir: str, config) -> Dict[str, Configuration]:
     """Per model whose grid trials have all finished, its selected configuration."""
     rows = collect(workdir, trials_lib.expand(config))
-    open_models = {r["model"] for r in rows
-                   if r["status"] in ("pending", "interrupted", "preempted")}
-    return {m: cs[0] for m, cs in configurations(rows).items() if m not in open_models}
+    still_open = open_models(rows)
+    return {m: cs[0] for m, cs in configurations(rows).items() if m not in still_open}
 
 
 def selected_in(grid_workdir: str) -> Dict[str, Dict[str, Any]]:
@@ -194,8 +218,14 @@ def selected_in(grid_workdir: str) -> Dict[str, Dict[str, Any]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {grid_workdir!r} has no report yet.")
     with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r["selected"] == "True"]
-    return {r["model"]: trials_lib.parse_name(r["name"]) for r in rows}
+        rows = [r for r in csv.DictReader(f) if r.get("selected") == "True"]
+    if not rows:
+        raise workdir_lib.WorkdirError(f"{path} selects no configuration yet: a model is "
+                                       "selected once all of its grid trials have finished.")
+    try:
+        return {r["model"]: trials_lib.parse_name(r["name"]) for r in rows}
+    except (KeyError, ValueError) as e:
+        raise workdir_lib.WorkdirError(f"{path} is not a grid report ({e}).") from None
 
 
 def repeat_trials(config, best: Dict[str, Configuration]) -> List[Trial]:
@@ -244,7 +274,8 @@ def epochs_text(rows) -> str:
     return f"Every trial trained for **{epochs[0]} epochs**.{note}"
 
 
-def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up) -> str:
+def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
+                     leaders: Optional[Dict[str, Configuration]] = None) -> str:
     lines = ["# Summary of best hyperparameters", "",
              f"{epochs_text(rows)} The published figures are the study's best validation "
              f"accuracy after {PUBLISHED_EPOCHS} epochs. Accuracies are mean ± standard "
@@ -266,6 +297,12 @@ def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up) 
     for model, c in best.items():
         seeds = [s["best_val_accuracy"] for s in selected[model]]
         lines.append(f"- {model}: {c.name} {margin_text(c, runner_up.get(model), seeds)}.")
+    for model, c in (leaders or {}).items():
+        left = sum(r["model"] == model and r["status"] in ("pending", "interrupted", "preempted")
+                   for r in rows)
+        lines.append(f"- {model}: provisional leader {c.name} ({100 * c.mean_val:.2f}% mean "
+                     f"best val); {left} trials still to finish, so nothing is selected or "
+                     "test-evaluated yet.")
     counts = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
     lines += ["", "Trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), ""]
     lines += _effects_markdown([r for r in rows if not r.get("repeat")])
@@ -305,11 +342,13 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
     lock = workdir_lib.RunLock(workdir, "report.lock")
     lock.try_acquire(blocking=True)  # one report at a time; the next one sees its results
     try:
-        grid_trials = trials_lib.expand(config)
-        rows = collect(workdir, grid_trials)
-        best_list = configurations(rows)
-        best = {m: cs[0] for m, cs in best_list.items()}
-        runner_up = {m: cs[1] for m, cs in best_list.items() if len(cs) > 1}
+        rows = collect(workdir, trials_lib.expand(config))
+        ranked, still_open = configurations(rows), open_models(rows)
+        # Only a model whose grid has finished is selected and test-evaluated: a provisional
+        # leader must not see the test split (nor another run select from it).
+        best = {m: cs[0] for m, cs in ranked.items() if m not in still_open}
+        leaders = {m: cs[0] for m, cs in ranked.items() if m in still_open}
+        runner_up = {m: cs[1] for m, cs in ranked.items() if len(cs) > 1}
         rows += [dict(r, repeat=True) for r in collect(workdir, repeat_trials(config, best))]
         selected = {m: [r for r in rows if r["status"] == "completed" and r["model"] == m
                         and r["trial"].config_name == c.name] for m, c in best.items()}
@@ -317,7 +356,7 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
         _write_csv(os.path.join(workdir, "results.csv"), rows)
         workdir_lib.write_text_atomic(
             os.path.join(workdir, "summary.md"),
-            summary_markdown(rows, best, selected, runner_up))
+            summary_markdown(rows, best, selected, runner_up, leaders))
         plots.write_plots(workdir, rows, best, selected, config.grid.default_trial)
     finally:
         lock.release()

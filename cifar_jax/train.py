@@ -140,6 +140,7 @@ def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
                 _train(pack, signals, stop_requested)
                 signals.finishing = True
                 _finish(pack)
+            signals.stop_if_received()
         finally:
             _close(pack)
     return [m.result for m in members]
@@ -152,21 +153,18 @@ def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
 def _check_member(member: Member) -> None:
     """What can be checked before the data is read; sets `result` for a finished run (a
     completed one, or a diverged one rerun with the same config: it would diverge again)."""
-    workdir_lib.ensure_writable(member.workdir)
-    previous = workdir_lib.read_result(member.workdir)
-    changed = workdir_lib.check_stored_config(member.config, member.workdir)
-    workdir_lib.read_jsonl(member.metrics_path, repair=True)  # we hold the lock
+    member.result = workdir_lib.finished_run(member.config, member.workdir)
+    if member.result is not None:
+        member.status = member.result["status"]
+        return
     checkpointing.check_layout(os.path.join(member.workdir, "checkpoints"))
-    status = (previous or {}).get("status")
-    if previous is None and os.path.isdir(os.path.join(member.workdir, "best_weights")) and \
+    if not os.path.exists(os.path.join(member.workdir, "result.json")) and os.path.isdir(
+            os.path.join(member.workdir, "best_weights")) and \
             checkpointing.latest_step_on_disk(member.workdir) is None:
         raise workdir_lib.WorkdirError(
             f"{member.workdir} holds best_weights/ but neither result.json nor checkpoints: a "
             "completed run whose result.json was lost. Move best_weights/ away to train it "
             "again (or restore result.json).")
-    if status == "completed" or (status == "diverged" and not changed):
-        logging.info("Run in %s already finished: %s.", member.workdir, status)
-        member.status, member.result = status, previous
 
 
 def _check_pack(members: List[Member], dataset) -> engine_lib.StaticSpec:
@@ -299,7 +297,9 @@ class SignalFlag:
 
     Further signals while stopping (a second Ctrl-C during the checkpoint save), and any signal
     once training is done and the results are being written, only log one line: the work in
-    hand always completes, so nothing half-written is left behind.
+    hand always completes, so nothing half-written is left behind. A signal that arrived too
+    late to stop training still stops the process once the results are written
+    (`stop_if_received`), so that a grid does not start its next trial.
     """
 
     def __init__(self):
@@ -318,6 +318,7 @@ class SignalFlag:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.finishing:
+            self.received = self.received or signum
             logging.warning("%s: training is done; the run stops once its results are "
                             "written (a few seconds).", name)
             return
@@ -332,6 +333,12 @@ class SignalFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def stop_if_received(self) -> None:
+        """Raises Preempted for a signal that came after the last chance to stop training."""
+        if self.received is not None:
+            raise Preempted(f"Stopped by {signal.Signals(self.received).name} once training "
+                            "had finished: the results are written, nothing is left to resume.")
 
 
 def _train(pack: Pack, signals: "SignalFlag",
@@ -518,6 +525,7 @@ def _finish(pack: Pack) -> None:
                       final_val_accuracy=m.last_record.get("val_accuracy"),
                       final_val_loss=m.last_record.get("val_loss"),
                       test_accuracy=t["accuracy"], test_loss=t["loss"],
+                      pack_size=len(pack.members),  # images_per_sec is this trial's share
                       images_per_sec=(pack.spec.total_steps * pack.spec.batch_size / m.train_time
                                       if m.train_time else None))
         if m.workdir in best and not m.config.keep_full_checkpoints:

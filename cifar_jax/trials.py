@@ -88,18 +88,23 @@ def trial_name(values: Dict[str, Any]) -> str:
 
 
 def parse_name(name: str) -> Dict[str, Any]:
-    """The values a trial name stands for (the inverse of `trial_name`)."""
+    """The values a trial name stands for (the inverse of `trial_name`); ValueError for a name
+    that no trial has."""
     values: Dict[str, Any] = {"seed": 0}
     text_axes = iter(a for a in AXES if not a.prefix)
-    for part in name.split("_"):
-        for prefix in sorted(_BY_PREFIX, key=len, reverse=True):
-            rest = part[len(prefix):]
-            if part.startswith(prefix) and rest and (rest[0].isdigit() or rest[0] == "."):
-                axis = _BY_PREFIX[prefix]
-                values[axis.key] = axis.cast(rest)
-                break
-        else:
-            values[next(text_axes).key] = part
+    try:
+        for part in name.split("_"):
+            for prefix in sorted(_BY_PREFIX, key=len, reverse=True):
+                rest = part[len(prefix):]
+                if part.startswith(prefix) and rest and (rest[0].isdigit() or rest[0] == "."):
+                    axis = _BY_PREFIX[prefix]
+                    values[axis.key] = axis.cast(rest)
+                    break
+            else:
+                values[next(text_axes).key] = part
+    except (StopIteration, ValueError):
+        raise ValueError(f"{name!r} is not a trial name (e.g. adam_lr0.001_wd1e-4_basic)") \
+            from None
     return values
 
 
@@ -149,7 +154,12 @@ def expand(config: ml_collections.ConfigDict) -> List[Trial]:
 def repeat_seeds(config) -> List[int]:
     """config.grid.repeat_selected_seeds as integers ('' -> none)."""
     text = config.grid.get("repeat_selected_seeds") or ""
-    return _values(text, int, "repeat_selected_seeds") if str(text).strip() else []
+    seeds = _values(text, int, "repeat_selected_seeds") if str(text).strip() else []
+    if any(not 0 <= s <= config_checks.INT32_MAX for s in seeds):
+        raise config_checks.ConfigError(
+            f"config.grid.repeat_selected_seeds={text!r}: seeds must lie in "
+            f"0..{config_checks.INT32_MAX}.")
+    return seeds
 
 
 def trial_config(config: ml_collections.ConfigDict, trial: Trial) -> ml_collections.ConfigDict:

@@ -29,6 +29,11 @@ class WorkdirError(Exception):
     """A run directory cannot be used as it is; the message names the file and the fix."""
 
 
+class WriteError(WorkdirError):
+    """A write failed (no space, read-only, permission): what comes next would fail alike, so a
+    grid stops rather than marking trial after trial failed."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Atomic files.
 
@@ -158,7 +163,7 @@ def ensure_writable(directory: str, needed_bytes: int = 0, what: str = "write") 
 
 
 def write_error(directory: str, error: BaseException, needed_bytes: int = 0,
-                what: str = "write") -> WorkdirError:
+                what: str = "write") -> WriteError:
     """The one message for a failed write: where, why, free space, size needed, what next."""
     try:
         free = format_bytes(shutil.disk_usage(directory).free)
@@ -166,7 +171,7 @@ def write_error(directory: str, error: BaseException, needed_bytes: int = 0,
         free = "unknown"
     reason = getattr(error, "strerror", None) or str(error)
     need = f", {format_bytes(needed_bytes)} needed" if needed_bytes else ""
-    return WorkdirError(
+    return WriteError(
         f"Cannot {what} in {directory}: {reason} ({free} free{need}). Everything written before "
         "is intact: free space or fix permissions there, then run the same command to resume.")
 
@@ -325,6 +330,24 @@ def check_stored_config(config, workdir: str) -> List[str]:
         logging.warning("Resuming with a changed config (allow_config_change=true):\n  %s",
                         "\n  ".join(diffs))
     return diffs
+
+
+def finished_run(config, workdir: str) -> Optional[Dict[str, Any]]:
+    """The start-up checks both frameworks make on a run directory whose lock they hold.
+
+    Returns the result of a finished run (completed, or diverged and rerun with the same
+    config: it would diverge again), or None for a run to start or resume. Writes nothing but
+    the repair of a partial last line in metrics.jsonl.
+    """
+    ensure_writable(workdir)
+    previous = read_result(workdir)
+    changed = check_stored_config(config, workdir)
+    read_jsonl(os.path.join(workdir, "metrics.jsonl"), repair=True)
+    status = (previous or {}).get("status")
+    if status == "completed" or (status == "diverged" and not changed):
+        logging.info("Run in %s already finished: %s.", workdir, status)
+        return previous
+    return None
 
 
 def store_config(config, workdir: str) -> None:

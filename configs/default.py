@@ -19,8 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Computation dtype: 'float32' or 'bfloat16' (parameters, BatchNorm statistics, loss and
     # optimizer state stay float32).
     config.dtype = "float32"
-    # Matmul/convolution precision for float32: 'default' (the backend's choice: TF32 on
-    # NVIDIA GPUs since Ampere), 'tf32', or 'highest' (true float32). Recorded in result.json.
+    # Matmul/convolution precision for float32: 'default' (each backend's choice on NVIDIA GPUs
+    # since Ampere: XLA uses TF32 for both, PyTorch for convolutions only), 'tf32', or
+    # 'highest' (true float32); set one of the last two to compare frameworks. In result.json.
     config.precision = "default"
 
     # Optimizer: 'sgd' (momentum, coupled L2 like torch.optim.SGD), 'adam' (coupled L2 like
@@ -65,8 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     # configs/grid.py sets False: the grid's report evaluates the selected trials only.
     config.evaluate_test = True
 
-    # Steps per dispatch: the host syncs, logs one progress line, checks for a non-finite loss
-    # and honours SIGTERM every this many steps (and at every epoch end).
+    # Steps per chunk (one dispatch with step_loop 'device'): the host syncs, logs one progress
+    # line, checks for a non-finite loss and honours SIGTERM every this many steps (and at
+    # every epoch end).
     config.log_every_steps = 50
     # How a chunk of steps runs: 'device' (one on-device loop, one dispatch), 'host' (one
     # dispatch per step, no sync between them) or 'auto' (device, except on the CPU, where

@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     grid.learning_rate = "0.001,0.01"
     grid.weight_decay = "5e-4,1e-4"
     grid.augmentation = "basic,advanced"
-    grid.dropout_rate = "0.3,0.5"  # applies to models with a configurable dropout: AlexNet
-    grid.dropout_models = "alexnet"
+    grid.dropout_rate = "0.3,0.5"  # swept for the models in dropout_models only
+    grid.dropout_models = "alexnet"  # the study's: others keep their config.dropout_rate
     grid.seeds = "0"  # several seeds repeat every trial; selection uses their mean
     grid.fail_fast = False  # stop at the first failed trial instead of recording it and going on
     # The untuned baseline drawn against the best trial in the plots: the textbook starting point

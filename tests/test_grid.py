@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from cifar_jax import engine, grid, report, train, trials, workdir as workdir_lib
+from cifar_jax import (config_checks, engine, grid, report, train, trials,
+                       workdir as workdir_lib)
 from conftest import CACHE_FLAG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,6 +165,49 @@ def test_pack_runs_trials_together_and_splits_on_out_of_memory(tmp_path, monkeyp
     assert sizes == [3, 1, 2]  # the pack of 3 ran out of memory: packs of 1 and 2
     assert "ran out of device memory; retrying as packs of 1 and 2" in caplog.text
     assert [r["status"] for r in _rows(tmp_path)] == ["completed"] * 3
+
+
+def test_grid_refuses_to_test_every_trial_and_bad_repeat_seeds():
+    c = _grid_config(models="alexnet")
+    c.evaluate_test = True
+    with pytest.raises(config_checks.ConfigError, match="evaluate_test=True in a grid"):
+        grid.validate(c, trials.expand(c))
+    c.evaluate_test, c.grid.repeat_selected_seeds = False, "1,4294967296"
+    with pytest.raises(config_checks.ConfigError, match="seeds must lie in 0..2147483647"):
+        grid.validate(c, trials.expand(c))
+    with pytest.raises(ValueError, match="'adam_lr0.01_bogus_extra_parts_x' is not a trial"):
+        trials.parse_name("adam_lr0.01_bogus_extra_parts_x")
+
+
+def test_failed_pack_is_retried_trial_by_trial_and_a_failed_write_stops_the_grid(
+        tmp_path, monkeypatch):
+    c = _grid_config(models="alexnet", learning_rate="0.001,0.002,0.003")
+    c.grid.pack_size = 3
+    sizes = []
+
+    def pack_with_one_damaged_trial(configs, workdirs, *args, **kwargs):  # trains nothing
+        sizes.append(len(configs))
+        if any(w.endswith("lr0.002_wd1e-4_basic_do0.5") for w in workdirs):
+            raise ValueError("damaged metrics.jsonl")
+        return [{"status": "completed"} for _ in configs]
+
+    monkeypatch.setattr(train, "train_pack", pack_with_one_damaged_trial)
+    assert grid.run_grid(c, str(tmp_path)) is False
+    assert sizes == [3, 1, 1, 1]  # the pack failed: each trial alone, only one fails
+    statuses = {r["name"].split("_")[1]: r["status"] for r in _rows(tmp_path)}
+    assert statuses["lr0.002"] == "failed"
+    assert "pending" == statuses["lr0.001"] == statuses["lr0.003"]  # the fake wrote no result
+
+    def pack_on_a_full_disk(configs, workdirs, *args, **kwargs):
+        sizes.append(len(configs))
+        raise workdir_lib.write_error(workdirs[0], OSError(28, "No space left on device"))
+
+    sizes.clear()
+    monkeypatch.setattr(train, "train_pack", pack_on_a_full_disk)
+    with pytest.raises(workdir_lib.WriteError, match="No space left on device"):
+        grid.run_grid(c, str(tmp_path / "full"))
+    assert sizes == [3]  # stopped at once: not retried, no trial marked failed
+    assert not glob.glob(str(tmp_path / "full" / "trials" / "*" / "*" / "result.json"))
 
 
 def test_diverging_trial_is_recorded_and_the_rest_finish(tmp_path):

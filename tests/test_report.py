@@ -152,3 +152,53 @@ def test_publish_writes_results_and_regenerates_the_readme_section(seeded_workdi
             "60.00% ± 1.00 (n=3) | 59.00% ± 1.00 (n=3) |") in text
     assert "3-epoch trials on data source `tfds`" in text
     assert "- study: 123 s" in (out / "REPRODUCE.md").read_text()
+
+
+def _trial(c, optimizer, seed=0):
+    return next(t for t in trials.expand(c)
+                if dict(t.values)["optimizer"] == optimizer and dict(t.values)["seed"] == seed)
+
+
+def test_selection_waits_for_the_whole_grid_of_a_model(tmp_path):
+    c = _grid()
+    _fake_trial(str(tmp_path), _trial(c, "sgd"), [0.5, 0.6, 0.7])  # adam still pending
+    out = report.write_report(str(tmp_path), c)
+    assert out["selected"] == {}  # nothing selected or tested while provisional
+    summary = open(tmp_path / "summary.md").read()
+    assert "alexnet: provisional leader sgd_lr0.01_wd1e-4_basic_do0.5 (70.00% mean best val)" \
+        in summary and "1 trials still to finish" in summary
+    assert "test_accuracy" not in workdir_lib.read_result(str(tmp_path / _trial(c, "sgd").relpath))
+    with pytest.raises(workdir_lib.WorkdirError, match="selects no configuration yet"):
+        report.selected_in(str(tmp_path))
+
+
+def test_a_failed_seed_rules_its_configuration_out_and_ties_go_to_the_best_epochs_loss(tmp_path):
+    c = _grid(seeds="0,1")
+    for seed in (0, 1):
+        _fake_trial(str(tmp_path), _trial(c, "sgd", seed), [0.5, 0.6, 0.6])
+    _fake_trial(str(tmp_path), _trial(c, "adam", 0), [0.5, 0.9, 0.9])
+    diverged = str(tmp_path / _trial(c, "adam", 1).relpath)
+    os.makedirs(diverged)
+    workdir_lib.write_result(diverged, {"status": "diverged", "framework": "jax",
+                                        **_trial(c, "adam", 1).hyperparameters()})
+    ranked = report.configurations(report.collect(str(tmp_path), trials.expand(c)))["alexnet"]
+    assert [x.name for x in ranked] == ["sgd_lr0.01_wd1e-4_basic_do0.5"]  # not adam's 1 survivor
+    # A tie in best val accuracy: the lower val loss *at the best epoch* wins (epoch 2 here;
+    # the final epoch's loss says the opposite).
+    c = _grid()
+    for optimizer, best_epoch_loss, final_loss in (("sgd", 0.5, 0.1), ("adam", 0.4, 0.9)):
+        t = _trial(c, optimizer)
+        directory = str(tmp_path / "tie" / t.relpath)
+        os.makedirs(directory)
+        for epoch, (acc, loss) in enumerate([(0.5, 1.0), (0.7, best_epoch_loss),
+                                             (0.6, final_loss)], 1):
+            workdir_lib.append_jsonl(os.path.join(directory, "metrics.jsonl"),
+                                     {"epoch": epoch, "step": epoch, "val_accuracy": acc,
+                                      "val_loss": loss})
+        workdir_lib.write_result(directory, {
+            "status": "completed", "framework": "jax", **t.hyperparameters(),
+            "best_val_accuracy": 0.7, "best_epoch": 2, "final_val_loss": final_loss,
+            "test_accuracy": 0.5})  # as if evaluate_test had been on: not reported
+    rows = report.collect(str(tmp_path / "tie"), trials.expand(c))
+    assert [x.name for x in report.configurations(rows)["alexnet"]][0].startswith("adam")
+    assert all(r["test_accuracy"] is None for r in rows)  # unselected: no test figures

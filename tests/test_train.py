@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -163,6 +164,11 @@ def test_setting_without_effect_is_refused(tiny_config):
     tiny_config.data.tfds_data_dir = "/data/tfds"
     with pytest.raises(config_checks.ConfigError, match="tfds_data_dir.*no effect.*'synthetic'"):
         config_checks.validate_config(tiny_config, num_devices=1)
+    tiny_config.data.tfds_data_dir = None
+    tiny_config.framework, tiny_config.dtype, tiny_config.ema_decay = "torch", "bfloat16", 0.9
+    with pytest.raises(config_checks.ConfigError, match=r"ema_decay > 0 is not implemented by "
+                       r"the PyTorch twin(.|\n)*dtype='bfloat16' is not implemented"):
+        config_checks.validate_config(tiny_config, num_devices=1)
 
 
 def test_data_dependent_checks_write_nothing(tiny_config, tmp_path):
@@ -236,3 +242,12 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path):
     assert "config.model='vgg16'" in proc.stderr and "alexnet, mobilenetv2, resnet18" in proc.stderr
     assert "config.learning_rate=0" in proc.stderr
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_a_signal_too_late_to_stop_training_stops_the_process_once_results_are_written():
+    with train.SignalFlag() as signals:
+        signals.finishing = True  # as while _finish writes the results
+        os.kill(os.getpid(), signal.SIGTERM)  # handled here: logged, remembered, not raised
+        assert signals.received == signal.SIGTERM
+    with pytest.raises(train.Preempted, match="once training had finished"):
+        signals.stop_if_received()  # so that a grid does not claim its next trial

@@ -57,7 +57,9 @@ def make_scheduler(config, optimizer, total_steps: int, warmup_steps: int):
 
 
 def set_precision(precision: str) -> None:
-    """config.precision on the PyTorch side: the same TF32/float32 choice as JAX."""
+    """config.precision on the PyTorch side: the same TF32/float32 choice as JAX. 'default'
+    leaves each framework's own default, and those differ on NVIDIA GPUs: XLA uses TF32 for
+    convolutions and matmuls, PyTorch for convolutions only. Compare with 'tf32' or 'highest'."""
     if PRECISION[precision] is not None:
         torch.set_float32_matmul_precision(PRECISION[precision])
         torch.backends.cudnn.allow_tf32 = precision == "tf32"
@@ -116,13 +118,8 @@ def train_locked(config, workdir: str,
                  dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
     """`train_and_evaluate` for a caller that holds the workdir's lock (the grid)."""
     workdir = os.path.abspath(workdir)
-    workdir_lib.ensure_writable(workdir)
-    previous = workdir_lib.read_result(workdir)
-    changed = workdir_lib.check_stored_config(config, workdir)
-    workdir_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"), repair=True)
-    status = (previous or {}).get("status")
-    if status == "completed" or (status == "diverged" and not changed):
-        logging.info("Run in %s already finished: %s.", workdir, status)
+    previous = workdir_lib.finished_run(config, workdir)  # the same rules as the JAX side
+    if previous is not None:
         return previous
     data = dataset if dataset is not None else input_pipeline.load_dataset(config.data)
     config_checks.check_run_shape(config, data)
@@ -218,7 +215,10 @@ class _Run:
         self.epoch += 1
         return {"epoch": self.epoch, "step": self.epoch * self.steps_per_epoch,
                 "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
-                "learning_rate": self.optimizer.param_groups[0]["lr"], "epoch_time_s": seconds,
+                # The rate of the epoch's last step (the scheduler already holds the next).
+                "learning_rate": config.learning_rate * lr_multiplier(
+                    self.epoch * self.steps_per_epoch - 1, self.total_steps, self.warmup_steps),
+                "epoch_time_s": seconds,
                 "images_per_sec": seen / seconds}
 
     def _save(self):
@@ -288,7 +288,10 @@ class _Run:
                     return self._result("diverged", record, step=(self.epoch - 1) *
                                         self.steps_per_epoch, error=self._divergence())
                 self._end_epoch(record)
-        return self._complete(record)
+            signals.finishing = True
+            result = self._complete(record)
+        signals.stop_if_received()
+        return result
 
     def _divergence(self) -> str:
         error = (f"Non-finite loss in epoch {self.epoch} (the twin checks once per epoch). The "
