@@ -153,6 +153,17 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def _try_restore(self, step: int, template):
+        """(state, meta, None), or (None, None, the error's first line) for a damaged one."""
+        with native.quiet_stderr():  # tensorstore's tracebacks after a failed read
+            try:
+                return (*self._restore(step, template), None)
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                error = _first_line(e)
+            gc.collect()  # the failed read's abandoned tasks report while it is quiet
+            time.sleep(0.2)
+        return None, None, error
+
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
@@ -169,18 +180,11 @@ class Checkpoints:
         steps = [s for s in all_steps if max_step is None or s <= max_step]
         errors = []
         for step in steps:
-            with native.quiet_stderr():  # tensorstore's tracebacks after a failed read
-                try:
-                    state, meta = self._restore(step, template)
-                    error = None
-                except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                    error = e
-                    gc.collect()  # the failed read's abandoned tasks report while it is quiet
-                    time.sleep(0.2)
+            state, meta, error = self._try_restore(step, template)
             if error is not None:
                 logging.error("Checkpoint %s/%d is unreadable (%s); trying an older one.",
-                              self.directory, step, _first_line(error))
-                errors.append(f"step {step}: {_first_line(error)}")
+                              self.directory, step, error)
+                errors.append(f"step {step}: {error}")
                 continue
             self._drop_after(step)
             return step, state, meta
@@ -207,10 +211,16 @@ class Checkpoints:
         return self.manager.best_step()
 
     def restore_best(self, template) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
+        """The best epoch's checkpoint; CheckpointError, with the way out, if it is damaged."""
         step = self.best_step()
         if step is None:
             return None
-        state, meta = self._restore(step, template)
+        state, meta, error = self._try_restore(step, template)
+        if error is not None:
+            raise CheckpointError(
+                f"The best checkpoint, {self.directory}/{step}, is unreadable ({error}). "
+                f"Move it out of {self.directory} and run the same command again: the run then "
+                "keeps the best of its remaining epoch checkpoints.")
         return step, state, meta
 
     # -- the completed run ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from clu import metrics
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -142,7 +143,18 @@ def hyper_of(config) -> Hyper:
 
 def with_config_hyperparameters(state: TrainState, config) -> TrainState:
     """`state` with the config's hyperparameters: the config is their source of truth, also on
-    resume (they differ from the checkpoint's only under allow_config_change)."""
+    resume (they differ from the checkpoint's only under allow_config_change). A changed
+    optimizer kind starts its moments afresh, as the PyTorch twin's new optimizer does."""
+    previous = optim.OPTIMIZERS[int(state.opt_state.hyperparams["optimizer"])]
+    if previous != config.optimizer:
+        logging.warning("The optimizer changes from %s to %s (allow_config_change): its moments "
+                        "start afresh; the schedule goes on.", previous, config.optimizer)
+        state = state.replace(opt_state=optim.with_fresh_moments(
+            state.opt_state, state.tx.init(state.params)))
+    return _set_hyperparameters(state, config)
+
+
+def _set_hyperparameters(state: TrainState, config) -> TrainState:
     return state.replace(hyper=hyper_of(config), opt_state=optim.with_hyperparams(
         state.opt_state, config.optimizer, config.learning_rate, config.weight_decay))
 
@@ -355,7 +367,7 @@ class Programs:
         state = TrainState.create(apply_fn=self.apply_fn, params=params, tx=self.tx,
                                   batch_stats=batch_stats, rng=rng, hyper=hyper_of(config),
                                   ema=ema)
-        return with_config_hyperparameters(state, config)
+        return _set_hyperparameters(state, config)
 
     def to_device(self, tree):
         return jax.device_put(tree, self.replicated)

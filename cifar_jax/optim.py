@@ -96,6 +96,14 @@ def with_hyperparams(opt_state, optimizer: str, learning_rate: float, weight_dec
     return opt_state._replace(hyperparams=hp)
 
 
+def with_fresh_moments(opt_state, fresh_state):
+    """`opt_state` with the moments of `fresh_state` (an `init`) and its own schedule count:
+    for a resume that switches the optimizer kind, whose old buffer means nothing to the new
+    kind (an SGD momentum buffer is no Adam first moment)."""
+    inner = (fresh_state.inner_state[0],) + tuple(opt_state.inner_state[1:])
+    return opt_state._replace(inner_state=inner)
+
+
 def learning_rate_at(step, peak_learning_rate, total_steps: int, warmup_steps: int = 0):
     """The learning rate used by the update at `step` (number of updates already applied)."""
     return peak_learning_rate * unit_schedule(total_steps, warmup_steps)(step)

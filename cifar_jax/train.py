@@ -544,7 +544,16 @@ def _keep_best_weights(pack: Pack) -> Dict[str, Dict[str, Any]]:
     for m in pack.running:
         found = m.ckpts.restore_best(template)
         if found is not None:
-            kept[m.workdir] = _weights(found[1]["train_state"])
+            _, state, meta = found
+            if meta.get("epoch") != m.best_epoch:  # the best checkpoint was damaged, moved away
+                logging.warning("%s: keeping epoch %s, the best of the epoch checkpoints left "
+                                "(the best epoch was %d).", m.workdir, meta.get("epoch"),
+                                m.best_epoch)
+                record = next(r for r in workdir_lib.read_jsonl(m.metrics_path)
+                              if r["epoch"] == meta["epoch"])
+                m.best_epoch = meta["epoch"]
+                m.best_val = record.get("val_accuracy", record["train_accuracy"])
+            kept[m.workdir] = _weights(state["train_state"])
             m.ckpts.save_weights(kept[m.workdir])
     return kept
 

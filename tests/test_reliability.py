@@ -227,12 +227,24 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
     assert step == 8 and all(np.all(np.isfinite(x)) for x in leaves)
 
 
-def test_checkpoint_retention_keeps_latest_and_best(tiny_config, tmp_path):
+def test_checkpoint_retention_keeps_latest_and_best(tiny_config, tmp_path, monkeypatch):
     tiny_config.num_epochs = 3
     tiny_config.checkpoint_max_to_keep = 2
     tiny_config.keep_full_checkpoints = True
+    real_evaluate, epochs = engine.evaluate, []
+
+    def worse_every_epoch(programs, states, data, split):  # makes epoch 1 the best
+        results = real_evaluate(programs, states, data, split)
+        if split == "val":
+            epochs.append(None)
+            results = [dict(r, accuracy=0.9 - 0.1 * len(epochs)) for r in results]
+        return results
+
+    monkeypatch.setattr(engine, "evaluate", worse_every_epoch)
     result = train.train_and_evaluate(tiny_config, str(tmp_path))
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
     best_step = 8 * result["best_epoch"]
+    assert best_step == 8
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps == sorted({16, 24, best_step})  # latest two, plus the best (one orbax manager)
     ckpts = Checkpoints(str(tmp_path))
@@ -240,6 +252,22 @@ def test_checkpoint_retention_keeps_latest_and_best(tiny_config, tmp_path):
     assert ckpts.manager.metrics(best_step)["selection"] == result["best_val_accuracy"]
     ckpts.close()
     assert os.path.isdir(tmp_path / "best_weights")
+
+    # A damaged best checkpoint: named, with the way out (exit 2), no traceback.
+    os.remove(tmp_path / "result.json")
+    for f in glob.glob(str(tmp_path / "checkpoints" / str(best_step) / "state" / "**"),
+                       recursive=True):
+        if os.path.isfile(f) and os.path.getsize(f) > 1000:
+            with open(f, "r+b") as fh:
+                fh.truncate(100)
+    with pytest.raises(CheckpointError, match=f"The best checkpoint, .*checkpoints/{best_step}, "
+                                              "is unreadable .*Move it out"):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    os.rename(tmp_path / "checkpoints" / str(best_step), tmp_path / "damaged")
+    again = train.train_and_evaluate(tiny_config, str(tmp_path))  # keeps the best one left
+    records = {r["epoch"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl"))}
+    assert again["status"] == "completed"
+    assert again["best_val_accuracy"] == records[again["best_epoch"]]["val_accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------

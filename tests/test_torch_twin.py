@@ -211,6 +211,12 @@ def test_twin_resumes_by_the_same_rules_as_jax(tmp_path, tiny_config, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         torch_train.train_and_evaluate(tiny_config, str(tmp_path))
     monkeypatch.setattr(torch_train._Run, "_train_epoch", real_epoch)
+    checkpoint = (tmp_path / "torch_checkpoint.pt").read_bytes()
+    (tmp_path / "torch_checkpoint.pt").write_bytes(checkpoint[:len(checkpoint) // 2])
+    from cifar_jax.checkpointing import CheckpointError
+    with pytest.raises(CheckpointError, match="torch_checkpoint.pt is unreadable .*Move it away"):
+        torch_train.train_and_evaluate(tiny_config, str(tmp_path))
+    (tmp_path / "torch_checkpoint.pt").write_bytes(checkpoint)
     stored = (tmp_path / "config.json").read_text()
     changed = tiny_config.copy_and_resolve_references()
     changed.optimizer, changed.learning_rate = "sgd", 0.01
@@ -230,6 +236,12 @@ def test_twin_resumes_by_the_same_rules_as_jax(tmp_path, tiny_config, monkeypatc
         float(optim.learning_rate_at(total - 1, 0.01, total, 0)), rel=1e-5)
     assert 0 < records[1]["learning_rate"] < 1e-3
     assert json.load(open(tmp_path / "config.json"))["optimizer"] == "sgd"
+    # `python -m cifar_jax.torch_twin` takes JAX configs: the workdir still says torch, so a
+    # JAX run cannot take it over (nor the twin a JAX one).
+    assert json.load(open(tmp_path / "config.json"))["framework"] == "torch"
+    from cifar_jax import workdir as workdir_lib
+    with pytest.raises(config_checks.ConfigError, match="framework: stored 'torch', now 'jax'"):
+        workdir_lib.check_stored_config(tiny_config, str(tmp_path))
 
 
 def test_twin_refuses_a_batch_larger_than_the_training_set(tmp_path, tiny_config):

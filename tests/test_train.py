@@ -251,3 +251,18 @@ def test_a_signal_too_late_to_stop_training_stops_the_process_once_results_are_w
         assert signals.received == signal.SIGTERM
     with pytest.raises(train.Preempted, match="once training had finished"):
         signals.stop_if_received()  # so that a grid does not claim its next trial
+
+
+def test_switching_the_optimizer_on_resume_starts_its_moments_afresh(tiny_config, tmp_path,
+                                                                     caplog):
+    tiny_config.optimizer, tiny_config.learning_rate = "sgd", 0.05
+    with pytest.raises(train.Preempted):
+        train.train_and_evaluate(tiny_config, str(tmp_path), stop_requested=lambda s: True)
+    tiny_config.optimizer, tiny_config.learning_rate = "adam", 0.001
+    tiny_config.allow_config_change = True
+    result = train.train_and_evaluate(tiny_config, str(tmp_path))
+    # SGD's momentum buffer read as Adam's first moment (with an empty second moment) made
+    # steps of size ~1/eps: losses of 1e10. Fresh moments train normally.
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert result["status"] == "completed" and records[-1]["train_loss"] < 5
+    assert "optimizer changes from sgd to adam" in caplog.text

@@ -8,6 +8,7 @@ epoch end and resumed from; checkpoints are loaded with `weights_only=True`.
 
 import math
 import os
+import pickle
 import signal
 import time
 from typing import Any, Dict, Optional
@@ -94,9 +95,20 @@ def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split) -> Di
     """Loss and accuracy of a twin run's best-validation model on `split`."""
     device = _device()
     model = build_model(config).to(device)
-    model.load_state_dict(torch.load(os.path.join(workdir, "torch_best.pt"),
-                                     map_location=device, weights_only=True))
+    model.load_state_dict(_load(os.path.join(workdir, "torch_best.pt"), device))
     return evaluate(model, split, config.eval_batch_size, device, config.tta_flip)
+
+
+def _load(path: str, device) -> Dict[str, Any]:
+    """A twin checkpoint (tensors and plain data only); CheckpointError naming a damaged one."""
+    from cifar_jax.checkpointing import CheckpointError
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first}). Move it "
+                              "away and run again: the twin then starts this run afresh.") from e
 
 
 def train_and_evaluate(config, workdir: str,
@@ -104,6 +116,9 @@ def train_and_evaluate(config, workdir: str,
     """Trains `config` in `workdir` with the twin, holding the directory's lock."""
     from cifar_jax.train import Diverged
 
+    if config.framework != "torch":  # `python -m cifar_jax.torch_twin` with a JAX config
+        config = config.copy_and_resolve_references()
+        config.framework = "torch"
     config_checks.validate_config(config, num_devices=1)
     workdir = os.path.abspath(workdir)
     workdir_lib.ensure_writable(workdir)
@@ -150,7 +165,7 @@ class _Run:
     def _restore(self):
         if not os.path.exists(self.checkpoint_path):
             return
-        ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        ckpt = _load(self.checkpoint_path, self.device)
         self.model.load_state_dict(ckpt["model"])
         if ckpt.get("optimizer_name") == self.config.optimizer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
