@@ -82,11 +82,21 @@ _EXPECTED_WARNINGS = ("did not provide metrics", "has no dataset_info.json",
                       "Task exception was never retrieved")
 
 
+# A failed write, which orbax logs with tracebacks from each of its threads before the save
+# raises; the run then reports it once, with the workdir, the free space and what to do.
+_WRITE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied",
+                   "Disk quota exceeded")
+
+
 class _QuietLibraries(py_logging.Filter):
     def filter(self, record):
-        if record.levelno >= py_logging.WARNING:
-            return not any(text in record.getMessage() for text in _EXPECTED_WARNINGS)
         path = record.pathname
+        if record.levelno >= py_logging.WARNING:
+            text = record.getMessage()
+            if "orbax" in path and record.exc_info:
+                text += str(record.exc_info[1])
+            return not any(t in text for t in _EXPECTED_WARNINGS) and not (
+                "orbax" in path and any(t in text for t in _WRITE_FAILURES))
         return "orbax" not in path and "xla_bridge" not in path
 
 

@@ -20,6 +20,8 @@ DTYPES = ("float32", "bfloat16")
 FRAMEWORKS = ("jax", "torch")
 STEP_LOOPS = ("auto", "device", "host")
 INT32_MAX = 2**31 - 1  # step counters and seeds are int32 on the device
+FLOAT32_MAX = 3.4028234663852886e38  # hyperparameters are float32 on the device
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 # Fields that do not change a run's result: they may differ when a run is resumed.
 NON_RESULT_FIELDS = frozenset({
     "allow_config_change", "log_every_steps", "checkpoint_max_to_keep", "eval_batch_size",
@@ -39,10 +41,15 @@ def _choice(errors: List[str], field: str, value: Any, valid):
 
 def _number(errors: List[str], field: str, value: Any, low=None, high=None, *,
             integer: bool = False, low_open: bool = False, high_open: bool = False):
-    """Checks `low <= value <= high` (or strict, per side) for a finite number (an integer)."""
+    """Checks `low <= value <= high` (or strict, per side) for a finite number (an integer).
+    Floats must also survive float32, as the device holds them: no overflow to inf, and no
+    non-zero value that rounds to 0 (it would mean something else)."""
     kind = "an integer" if integer else "a finite number"
     ok = (isinstance(value, int) if integer else isinstance(value, (int, float)))
     ok = ok and not isinstance(value, bool) and math.isfinite(value)
+    if ok and not integer and not (
+            abs(value) <= FLOAT32_MAX and (value == 0 or abs(value) >= FLOAT32_TINY)):
+        ok, kind = False, "a number that float32 holds (0, or 1.2e-38 <= |x| <= 3.4e38)"
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -122,7 +129,8 @@ def _check_data_source(errors: List[str], config) -> None:
     if config.data.source != "synthetic":
         return
     for field in ("synthetic_train_size", "synthetic_test_size"):
-        _number(errors, f"data.{field}", config.data[field], 10, 10**7, integer=True)
+        # Up to about three times CIFAR-10 (the arrays are built in host memory).
+        _number(errors, f"data.{field}", config.data[field], 10, 200_000, integer=True)
     val, train = config.data.val_size, config.data.synthetic_train_size
     if isinstance(val, int) and isinstance(train, int) and val >= train:
         errors.append(f"config.data.val_size={val} must be smaller than the training set "

@@ -38,20 +38,34 @@ class WriteError(WorkdirError):
 # Atomic files.
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` via a uniquely named temporary file and a rename."""
+    """Writes `text` to `path` via a uniquely named temporary file and a rename; WriteError
+    (naming the directory and the free space) when that fails."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
+    what = f"write {os.path.basename(path)}"
     try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise write_error(directory, e, len(text), what) from e
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp: 0600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise write_error(directory, e, len(text), what) from e
         raise
 
 
@@ -84,10 +98,17 @@ def read_json_object(path: str) -> Optional[Dict[str, Any]]:
 
 
 def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(record)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Appends one line; a failed write leaves at most a partial last line, which the next
+    start drops (read_jsonl with repair)."""
+    line = json.dumps(dict(record)) + "\n"
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(os.path.dirname(os.path.abspath(path)), e, len(line),
+                          f"append to {os.path.basename(path)}") from e
 
 
 def _write_jsonl(path: str, records: List[Dict[str, Any]]) -> None:
@@ -169,7 +190,8 @@ def write_error(directory: str, error: BaseException, needed_bytes: int = 0,
         free = format_bytes(shutil.disk_usage(directory).free)
     except OSError:
         free = "unknown"
-    reason = getattr(error, "strerror", None) or str(error)
+    reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [""])[0]
+    reason = reason if len(reason) <= 200 else reason[:200] + "..."
     need = f", {format_bytes(needed_bytes)} needed" if needed_bytes else ""
     return WriteError(
         f"Cannot {what} in {directory}: {reason} ({free} free{need}). Everything written before "
@@ -303,6 +325,15 @@ class RunLock:
 # The stored config and the result, the same for JAX and the PyTorch twin.
 
 
+def _holds_training(workdir: str) -> bool:
+    """Whether anything trained is saved: a checkpoint (JAX or twin) or a completed run's
+    weights. Without it a rerun starts from scratch, so any config change is harmless."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    steps = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+    return steps or any(os.path.exists(os.path.join(workdir, name)) for name in (
+        "torch_checkpoint.pt", "torch_best.pt", "best_weights"))
+
+
 def check_stored_config(config, workdir: str) -> List[str]:
     """Refuses to resume a run whose stored config differs in a result-changing field; returns
     the differences allowed by allow_config_change (empty when there are none).
@@ -313,6 +344,12 @@ def check_stored_config(config, workdir: str) -> List[str]:
     stored = read_json_object(path)
     if stored is None:
         return []
+    if not _holds_training(workdir):  # e.g. out of memory before the first checkpoint
+        diffs = config_checks.result_changing_differences(stored, config)
+        if diffs:
+            logging.warning("%s holds no checkpoint yet: the run starts afresh with the new "
+                            "config:\n  %s", workdir, "\n  ".join(diffs))
+        return diffs
     fixed = config_checks.fixed_field_changes(stored, config)
     if fixed:
         raise config_checks.ConfigError(

@@ -81,3 +81,22 @@ def socket_host():
     import socket
 
     return f"] {socket.gethostname()}:"
+
+
+def test_orbax_tracebacks_of_a_failed_write_are_left_to_the_one_error_line():
+    import logging as py_logging
+
+    from cifar_jax import cli
+
+    def record(path, level, msg, error=None):
+        exc_info = (type(error), error, None) if error else None
+        return py_logging.LogRecord("absl", level, path, 1, msg, (), exc_info)
+
+    quiet = cli._QuietLibraries()
+    orbax = "/site-packages/orbax/checkpoint/_src/futures/future.py"
+    full = OSError(28, "No space left on device")
+    assert not quiet.filter(record(orbax, py_logging.ERROR, "Background save failed", full))
+    assert quiet.filter(record(orbax, py_logging.ERROR, "Background save failed",
+                               ValueError("a bug")))  # anything else still shows
+    assert quiet.filter(record("/work/cifar_jax/train.py", py_logging.ERROR,
+                               "No space left on device"))  # our own lines always show

@@ -142,6 +142,8 @@ def input_pipeline_normalize(images):
     ("learning_rate", -0.1, r"config.learning_rate=-0.1 .*finite number > 0"),
     ("learning_rate", float("nan"), r"config.learning_rate=nan .*finite number > 0"),
     ("weight_decay", float("inf"), r"config.weight_decay=inf .*finite number >= 0"),
+    ("learning_rate", 1e308, r"config.learning_rate=1e\+308 .*float32 holds"),  # inf there
+    ("warmup_epochs", 1e-300, r"config.warmup_epochs=1e-300 .*float32 holds"),  # 0 there
     ("label_smoothing", 1.0, r"config.label_smoothing=1.0 .*>= 0 and < 1"),
     ("warmup_epochs", float("nan"), r"config.warmup_epochs=nan"),
     ("warmup_epochs", 2.0, r"warm-up must end before training does \(num_epochs=2\)"),

@@ -61,6 +61,9 @@ def test_atomic_json_and_partial_jsonl_line(tmp_path, caplog):
     workdir_lib.write_json_atomic(path, {"a": 1})
     assert workdir_lib.read_json(path) == {"a": 1}
     assert os.listdir(tmp_path) == ["r.json"]  # no temporary file left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # like any other file, not 0600
     (tmp_path / "bad.json").write_text('{"status": "comp')
     with pytest.raises(WorkdirError, match=r"bad.json is not valid JSON.*move it away"):
         workdir_lib.read_json(str(tmp_path / "bad.json"))
@@ -196,3 +199,34 @@ def test_crash_between_metrics_and_first_checkpoint_leaves_no_duplicate(tiny_con
     train.train_and_evaluate(tiny_config, str(tmp_path))
     records = workdir_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_failed_writes_name_the_directory_and_the_free_space(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "step": 8}\n')
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(workdir_lib.WriteError, match=r"Cannot append to metrics.jsonl in "
+                       r".*: No space left on device \(.* free, .* needed\)\. Everything"):
+        workdir_lib.append_jsonl(str(tmp_path / "metrics.jsonl"), {"epoch": 2, "step": 16})
+    with pytest.raises(workdir_lib.WriteError, match=r"Cannot write result.json in "):
+        workdir_lib.write_json_atomic(str(tmp_path / "result.json"), {"status": "completed"})
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # no temporary file left
+    # What was appended before the failure is read back; a partial line would be dropped.
+    assert workdir_lib.read_jsonl(str(tmp_path / "metrics.jsonl"), repair=True)[0]["epoch"] == 1
+
+
+def test_a_run_that_saved_nothing_takes_any_new_config(tiny_config, tmp_path, caplog):
+    """A crash before the first checkpoint (out of memory, say) must not block the rerun with
+    a smaller batch: nothing trained is saved, so the run starts afresh."""
+    workdir_lib.store_config(tiny_config, str(tmp_path))
+    changed = tiny_config.copy_and_resolve_references()
+    changed.batch_size = 16
+    assert workdir_lib.check_stored_config(changed, str(tmp_path)) == [
+        "batch_size: stored 32, now 16"]
+    assert "holds no checkpoint yet: the run starts afresh" in caplog.text
+    (tmp_path / "checkpoints" / "8").mkdir(parents=True)  # once a checkpoint exists: refused
+    with pytest.raises(Exception, match="do not fit this config"):
+        workdir_lib.check_stored_config(changed, str(tmp_path))
