@@ -81,6 +81,7 @@ class _Runner:
     def __init__(self, config, workdir: str, dataset, engine: engine_lib.Engine):
         self.config, self.workdir, self.dataset, self.engine = config, workdir, dataset, engine
         self.failed: List[Trial] = []
+        self.skipped: List[Trial] = []  # locked by a process on another host
         self.done = 0
         self.durations: List[float] = []
         self._specs: Dict[Trial, Any] = {}
@@ -111,6 +112,7 @@ class _Runner:
                 lock = trials_lib.claim(self.workdir, trial)
             except workdir_lib.WorkdirError as e:  # a lock this host cannot judge
                 logging.warning("Grid: skipping %s/%s: %s", trial.model, trial.name, e)
+                self.skipped.append(trial)
                 continue
             if lock is None:
                 logging.info("Grid: %s/%s is being run by another process; skipping it.",
@@ -120,6 +122,8 @@ class _Runner:
             if status in ("completed", "diverged", "mismatched", "unreadable"):
                 lock.release()
                 if status in ("mismatched", "unreadable"):
+                    logging.error("Grid: %s: result.json is %s; move the directory away to "
+                                  "rerun the trial.", trial.relpath, status)
                     self._fail([trial], f"{trial.relpath}: result.json is {status}; move the "
                                         "directory away to rerun the trial.", write=False)
                 continue
@@ -244,7 +248,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
              engine: Optional[engine_lib.Engine] = None) -> bool:
     """Runs this process's share of the unfinished trials, then writes the report.
 
-    Returns True when no trial failed or diverged.
+    Returns True when no trial failed or diverged, in this process or before it (trials that
+    other live processes are still running do not count).
     """
     all_trials = trials_lib.expand(config)
     mine = trials_lib.shard_of(all_trials, shard_index, num_shards)
@@ -272,8 +277,16 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
     logging.info("Grid: this process finished: %d trials completed, %d failed. Train-step "
                  "compilations: %s.", runner.done, len(runner.failed),
                  ", ".join(f"{m} {n}" for m, n in engine.compiles("train").items()) or "none")
-    report.write_report(workdir, config, dataset=dataset, engine=engine)
-    return not runner.failed
+    rows = report.write_report(workdir, config, dataset=dataset, engine=engine)["rows"]
+    # Trials that will not complete by rerunning alone (diverged, failed, damaged, or held
+    # by a process this host cannot check) make the exit status 1, in every process.
+    stuck = [f"{r['model']}/{r['name']} ({r['status']})" for r in rows
+             if r["status"] in ("diverged", "failed", "mismatched", "unreadable")]
+    stuck += [f"{t.model}/{t.name} (held by another host)" for t in runner.skipped]
+    if stuck:
+        logging.warning("Grid: %d trials did not complete: %s", len(stuck),
+                        ", ".join(stuck[:10]) + (" ..." if len(stuck) > 10 else ""))
+    return not runner.failed and not stuck
 
 
 def _run_repeats(runner: _Runner, config, workdir: str, mine: Sequence[Trial]) -> None:

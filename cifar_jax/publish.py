@@ -18,7 +18,7 @@ import shutil
 import statistics
 from typing import Any, Dict, List, Optional
 
-from absl import flags
+from absl import flags, logging
 
 from cifar_jax import cli, report, workdir as workdir_lib
 
@@ -172,14 +172,21 @@ def main(argv):
     jax_rows = read_rows(FLAGS.jax_grid)
     torch_rows = read_rows(FLAGS.torch_grid) if FLAGS.torch_grid else []
     recipe_rows = read_rows(FLAGS.recipe) if FLAGS.recipe else []
+    jax_sel, torch_sel, recipe_sel = selected(jax_rows), selected(torch_rows), selected(
+        recipe_rows)
+    if not jax_sel:
+        raise cli.UsageError(f"--jax_grid={FLAGS.jax_grid!r} selects no configuration yet: a "
+                             "model is selected once all of its grid trials have finished.")
+    pending = sum(r["status"] in ("pending", "interrupted", "preempted") for r in jax_rows)
+    if pending:
+        logging.warning("%s: %d trials have not finished; publishing the models that have.",
+                        FLAGS.jax_grid, pending)
     os.makedirs(out, exist_ok=True)
     copy_grid(FLAGS.jax_grid, out, "", plots=True)
     if FLAGS.torch_grid:
         copy_grid(FLAGS.torch_grid, out, "torch_", plots=False)
     if FLAGS.recipe:
         copy_grid(FLAGS.recipe, out, "recipe_", plots=False)
-    jax_sel, torch_sel, recipe_sel = selected(jax_rows), selected(torch_rows), selected(
-        recipe_rows)
     workdir_lib.write_text_atomic(os.path.join(out, "seeds.md"),
                                   seeds_markdown(jax_sel, torch_sel))
     bench_table = bench["table"] if bench else None

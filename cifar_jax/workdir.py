@@ -251,7 +251,13 @@ class RunLock:
         assert self._fd is None, f"{self.path} is already held by this object"
         os.makedirs(self.directory, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link: the lock file is truncated and rewritten
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise WorkdirError(f"{self.path} is a symbolic link; a lock file must be a "
+                                   "plain file. Remove the link and run again.") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:

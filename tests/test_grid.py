@@ -217,6 +217,7 @@ def test_diverging_trial_is_recorded_and_the_rest_finish(tmp_path):
     rows = {r["name"].split("_")[1]: r for r in _rows(tmp_path)}
     assert rows["lr10000"]["status"] == "diverged" and "Non-finite" in rows["lr10000"]["error"]
     assert rows["lr0.01"]["status"] == "completed" and rows["lr0.01"]["selected"] == "True"
+    assert grid.run_grid(c, str(tmp_path)) is False  # a rerun still says not all completed
     # fail_fast stops at the first failure.
     c.grid.fail_fast = True
     c.grid.learning_rate = "2e4,0.02"

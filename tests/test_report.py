@@ -170,6 +170,14 @@ def test_selection_waits_for_the_whole_grid_of_a_model(tmp_path):
     assert "test_accuracy" not in workdir_lib.read_result(str(tmp_path / _trial(c, "sgd").relpath))
     with pytest.raises(workdir_lib.WorkdirError, match="selects no configuration yet"):
         report.selected_in(str(tmp_path))
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "cifar_jax.publish", "--out",
+                           str(tmp_path / "pub"), "--jax_grid", str(tmp_path)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "selects no configuration yet" in proc.stderr
+    assert not (tmp_path / "pub").exists()  # refused before writing anything
 
 
 def test_a_failed_seed_rules_its_configuration_out_and_ties_go_to_the_best_epochs_loss(tmp_path):

@@ -230,3 +230,13 @@ def test_a_run_that_saved_nothing_takes_any_new_config(tiny_config, tmp_path, ca
     (tmp_path / "checkpoints" / "8").mkdir(parents=True)  # once a checkpoint exists: refused
     with pytest.raises(Exception, match="do not fit this config"):
         workdir_lib.check_stored_config(changed, str(tmp_path))
+
+
+def test_a_lock_file_that_is_a_link_is_refused_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "run").mkdir()
+    os.symlink(victim, tmp_path / "run" / "run.lock")
+    with pytest.raises(WorkdirError, match="run.lock is a symbolic link"):
+        RunLock(str(tmp_path / "run")).acquire()
+    assert victim.read_text() == "precious"
