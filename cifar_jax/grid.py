@@ -19,7 +19,9 @@ from absl import logging
 
 from cifar_jax import (config_checks, engine as engine_lib, input_pipeline, metric_writing,
                        report, train, trials as trials_lib, workdir as workdir_lib)
+from cifar_jax.augment import AUGMENTATIONS
 from cifar_jax.checkpointing import latest_step_on_disk
+from cifar_jax.optim import OPTIMIZERS
 from cifar_jax.trials import Trial
 
 # Pack sizes that beat one trial at a time, measured (train images/s per trial over a whole
@@ -57,6 +59,8 @@ def validate(config, trials: Sequence[Trial]) -> None:
         raise config_checks.ConfigError(f"config.grid.pack_size={config.grid.pack_size!r} is "
                                         "not valid; expected 0 (automatic) or a positive integer.")
     trials_lib.repeat_seeds(config)  # refuses a malformed value now, not after the grid
+    if config.grid.get("default_trial"):
+        _check_default_trial(config.grid.default_trial)
     if config.evaluate_test:
         raise config_checks.ConfigError(
             "config.evaluate_test=True in a grid would test every trial; the report tests only "
@@ -73,6 +77,18 @@ def validate(config, trials: Sequence[Trial]) -> None:
         raise config_checks.ConfigError("\n".join(
             f"{msg}\n  (trials: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
             for msg, names in errors.items()))
+
+
+def _check_default_trial(name: str) -> None:
+    """grid.default_trial reads as a trial name (optimizer first); the plots look it up."""
+    try:
+        values = trials_lib.parse_name(name)
+        if values.get("optimizer") not in OPTIMIZERS or values.get(
+                "augmentation", "basic") not in AUGMENTATIONS:
+            raise ValueError(f"{name!r} is not a trial name (e.g. sgd_lr0.01_wd5e-4_basic)")
+    except ValueError as e:
+        raise config_checks.ConfigError(f"config.grid.default_trial: {e}; or '' for no "
+                                        "baseline in the plots.") from None
 
 
 class _Runner:

@@ -5,7 +5,8 @@
 
 A config with a `grid` field (configs/grid.py) runs every trial of the grid and writes the
 report; any other config is one training run. Override config fields with --config.FIELD=VALUE.
-Exit status: 0 done, 1 some grid trials failed, 2 invalid config/data/workdir, 3 diverged,
+Exit status: 0 done, 1 some grid trials did not complete (failed or diverged), 2 invalid
+config/data/workdir or a failed write, 3 diverged,
 143 pre-empted (rerun the same command to resume).
 """
 
@@ -28,7 +29,7 @@ flags.DEFINE_integer("num_shards", None, "Grid configs: number of shards (defaul
 flags.DEFINE_string("selected_from", None, "Grid configs: run only the configuration that the "
                     "report in this grid workdir selected per model (e.g. the PyTorch twin, or "
                     "more seeds, on the JAX grid's winners).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])  # --workdir too, unless --dry_run
 
 
 def _env_int(name: str, default: int) -> int:
@@ -72,7 +73,11 @@ def main(argv):
     from cifar_jax import grid, trials  # after flag parsing: keeps --help fast
 
     config = FLAGS.config
-    cli.check_workdir_flag(FLAGS.workdir)
+    if FLAGS.workdir is None and not FLAGS.dry_run:
+        raise cli.UsageError("--workdir is required (the directory for checkpoints and "
+                             "results), except with --dry_run.")
+    if FLAGS.workdir is not None:
+        cli.check_workdir_flag(FLAGS.workdir)
     if FLAGS.selected_from:
         from cifar_jax import report
 

@@ -89,7 +89,7 @@ def baseline_figure(workdir: str, rows, model: str, best_row, default_trial: str
     if notice:
         ax.text(0.5, 0.03, notice, transform=ax.transAxes, ha="center", va="bottom",
                 fontsize=8, wrap=True, bbox=dict(facecolor="lightyellow", edgecolor="0.6"))
-        logging.warning("%s: %s", model, notice)
+        logging.info("%s: %s", model, notice)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig

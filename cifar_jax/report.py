@@ -380,6 +380,7 @@ def main(argv):
 
     del argv
     workdir = flags.FLAGS.workdir
+    cli.check_workdir_flag(workdir)
     stored = workdir_lib.read_json_object(os.path.join(workdir, "grid_config.json"))
     if stored is None:
         raise cli.UsageError(f"{workdir}/grid_config.json not found: is {workdir!r} a grid "

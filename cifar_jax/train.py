@@ -265,9 +265,11 @@ def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstr
             m.best_val = meta.get("best_val_accuracy", -1.0)
             m.best_epoch = meta.get("best_epoch", 0)
             m.train_time = meta.get("train_time_s", 0.0)
-            logging.info("Resumed %s from checkpoint %d (epoch %d, step %d of %d).", m.workdir,
-                         step, step // programs.spec.steps_per_epoch + 1, step,
-                         programs.spec.total_steps)
+            spe = programs.spec.steps_per_epoch
+            where = (f"in epoch {step // spe + 1}" if step % spe else
+                     f"at the end of epoch {step // spe}" if step else "at the start")
+            logging.info("Resumed %s from checkpoint %d (%s, step %d of %d).", m.workdir,
+                         step, where, step, programs.spec.total_steps)
         states.append(jax.device_get(engine_lib.with_config_hyperparameters(state, m.config)))
         epoch_metrics.append(metrics)
     return engine_lib.stack(states), engine_lib.stack(epoch_metrics), step
@@ -302,7 +304,9 @@ class SignalFlag:
     (`stop_if_received`), so that a grid does not start its next trial.
     """
 
-    def __init__(self):
+    def __init__(self, stopping: str = "stopping after the current chunk of steps, with a "
+                 "checkpoint"):
+        self.stopping = stopping  # what the first signal's log line says happens next
         self.received: Optional[int] = None
         self.finishing = False  # training is done; the results are being written
         self._previous = {}
@@ -327,8 +331,7 @@ class SignalFlag:
                             "that the run can resume exactly.", name)
             return
         self.received = signum
-        logging.warning("Received %s: stopping after the current chunk of steps, with a "
-                        "checkpoint.", name)
+        logging.warning("Received %s: %s.", name, self.stopping)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -15,6 +15,7 @@ import ml_collections
 from absl import logging
 
 from cifar_jax import config_checks, workdir as workdir_lib
+from cifar_jax.models import MODELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +113,11 @@ def _values(text, cast, field: str) -> List[Any]:
     """Comma-separated values of one axis, cast, duplicates (by value) merged with a log line."""
     raw = [v.strip() for v in str(text).split(",") if v.strip()]
     if not raw:
+        example = {"models": "resnet18,alexnet", "seeds": "0,1,2", "optimizer": "sgd,adam",
+                   "augmentation": "basic,advanced", "dropout_models": "alexnet"}.get(
+                       field, "0.001,0.01")
         raise config_checks.ConfigError(f"config.grid.{field} is empty; give comma-separated "
-                                        "values, e.g. 0.001,0.01.")
+                                        f"values, e.g. {example}.")
     try:
         values = [cast(v) for v in raw]
     except ValueError as e:
@@ -141,6 +145,7 @@ def _axis_text(grid, model: str, axis: Axis) -> Optional[str]:
 def expand(config: ml_collections.ConfigDict) -> List[Trial]:
     """All trials of `config.grid`, in a fixed order (model, then the axes in AXES order)."""
     grid = config.grid
+    _check_model_names(grid)
     trials: List[Trial] = []
     for model in _values(grid.models, str, "models"):
         axes = [(a, _axis_text(grid, model, a)) for a in AXES]
@@ -149,6 +154,21 @@ def expand(config: ml_collections.ConfigDict) -> List[Trial]:
             values = tuple((a.key, v) for (a, _), v in zip(axes, combo))
             trials.append(Trial(len(trials), model, values))
     return trials
+
+
+def _check_model_names(grid) -> None:
+    """Model names in grid.models and grid.dropout_models exist (a misspelt name would
+    silently drop the dropout axis, or fail late as config.model)."""
+    models = _values(grid.models, str, "models")
+    named = {"models": models}
+    if grid.get("dropout_models"):
+        named["dropout_models"] = _values(grid.dropout_models, str, "dropout_models")
+    for field, names in named.items():
+        unknown = [m for m in names if m not in MODELS]
+        if unknown:
+            raise config_checks.ConfigError(
+                f"config.grid.{field}={grid[field]!r}: no model {', '.join(map(repr, unknown))}"
+                f"; choose from {', '.join(sorted(MODELS))}.")
 
 
 def repeat_seeds(config) -> List[int]:

@@ -169,6 +169,9 @@ def format_bytes(n: float) -> str:
 def ensure_writable(directory: str, needed_bytes: int = 0, what: str = "write") -> None:
     """Raises WorkdirError, naming the directory, the free space and the size needed, unless a
     small probe file can be written there and `needed_bytes` (plus a margin) are free."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise WorkdirError(f"{directory} is a file, where a directory belongs: give another "
+                           "--workdir (or move the file away).")
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe_") as f:

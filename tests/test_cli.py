@@ -34,9 +34,12 @@ def test_misspelt_field_is_one_line_with_the_suggestion(tmp_path):
 
 
 def test_workdir_must_be_a_directory_name(tmp_path):
-    for workdir in ("", "--config.num_epochs=1"):
-        proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir", workdir)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir")
+    (tmp_path / "a_file").write_text("x")
+    for workdir in ("", "--config.num_epochs=1", str(tmp_path / "a_file"), None):
+        args = ["--workdir", workdir] if workdir is not None else []
+        proc = _run("cifar_jax.main", "--config", "configs/smoke.py", *args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(("error: --workdir", f"error: {tmp_path}/a_file is a file"))
     assert not os.path.exists(os.path.join(ROOT, "config.json"))
 
 

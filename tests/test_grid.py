@@ -177,6 +177,13 @@ def test_grid_refuses_to_test_every_trial_and_bad_repeat_seeds():
         grid.validate(c, trials.expand(c))
     with pytest.raises(ValueError, match="'adam_lr0.01_bogus_extra_parts_x' is not a trial"):
         trials.parse_name("adam_lr0.01_bogus_extra_parts_x")
+    c.grid.repeat_selected_seeds, c.grid.default_trial = "", "nonsense"
+    with pytest.raises(config_checks.ConfigError, match="default_trial: 'nonsense' is not a"):
+        grid.validate(c, trials.expand(c))
+    for field in ("models", "dropout_models"):  # a misspelt model never drops an axis silently
+        c = _grid_config(**{field: "alexnt"})
+        with pytest.raises(config_checks.ConfigError, match=f"grid.{field}='alexnt': no model"):
+            trials.expand(c)
 
 
 def test_failed_pack_is_retried_trial_by_trial_and_a_failed_write_stops_the_grid(

@@ -290,7 +290,8 @@ class _Run:
         from cifar_jax.train import Preempted, SignalFlag
 
         config, record = self.config, {}
-        with SignalFlag() as signals:
+        with SignalFlag("stopping after the current batch; the rerun redoes this epoch from "
+                        "the last epoch-end checkpoint") as signals:
             while self.epoch < config.num_epochs:
                 record = self._train_epoch(stop=lambda: signals.received is not None)
                 if record is None:
