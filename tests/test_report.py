@@ -94,6 +94,7 @@ def test_val_curve_figure_names_every_trial_in_percent(seeded_workdir):
 
 
 def test_baseline_figure_says_when_the_baseline_is_missing(tmp_path, caplog):
+    caplog.set_level("INFO")
     c = _grid()
     for t in trials.expand(c):
         _fake_trial(str(tmp_path), t, [0.3, 0.4, 0.5])
