@@ -283,8 +283,9 @@ def model_info(model: str) -> Dict[str, Any]:
     return {"params": params, "macs_per_image": macs}
 
 
-def efficiency_jax(model: str, repeats: int = 20) -> Dict[str, Any]:
-    """Checkpoint size on disk, batch-1 latency and batch-1024 inference throughput."""
+def efficiency_jax(model: str) -> Dict[str, Any]:
+    """Checkpoint size on disk, batch-1 latency and batch-1024 inference throughput (medians
+    of 4 x --windows and --windows timed calls)."""
     import os
 
     import jax
@@ -309,7 +310,7 @@ def efficiency_jax(model: str, repeats: int = 20) -> Dict[str, Any]:
         x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 32, 32, 3)), jnp.float32)
         jax.block_until_ready(forward(variables, x))
         times = []
-        for _ in range(repeats if batch == 1 else max(3, repeats // 5)):
+        for _ in range(4 * FLAGS.windows if batch == 1 else FLAGS.windows):
             t0 = time.perf_counter()
             jax.block_until_ready(forward(variables, x))
             times.append(time.perf_counter() - t0)
