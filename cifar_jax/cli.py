@@ -58,6 +58,8 @@ def _flag_error_text(error: BaseException) -> str:
     if isinstance(inner, KeyError) and inner.args:
         inner = inner.args[0]
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    if "Error whilst parsing config file" in str(inner):  # a traceback, flattened: its cause
+        return f"cannot load the config file: {lines[-1] if lines else inner}"
     if isinstance(error, (AttributeError, KeyError)):  # ml_collections: a field it lacks
         name = lines[0].strip("'\"") if lines else "?"
         hint = f" {lines[1]}" if len(lines) > 1 and lines[1].startswith("Did you mean") else ""
@@ -69,10 +71,27 @@ def _parse_flags(argv):
     if any(a in HELP_FLAGS for a in argv[1:]):
         app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True, exitcode=0)
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
+        _check_config_loaded()
+        return argv
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         print(f"error: {_flag_error_text(e)} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def _check_config_loaded() -> None:
+    """A --config file that could not be loaded is only an error object until it is used:
+    say why now, in one line."""
+    if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
+        return
+    config = flags.FLAGS["config"].value
+    if type(config).__name__ == "_ErrorConfig":  # ml_collections' stand-in for a failed load
+        try:
+            config.to_dict()
+        except Exception as e:  # noqa: BLE001 - its message is the reason
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise ValueError(f"--config: cannot load the config file: "
+                             f"{lines[-1] if lines else e}") from None
 
 
 # Warnings that say nothing wrong: orbax on a mid-epoch save (no validation metric by design);

@@ -31,6 +31,12 @@ def test_misspelt_field_is_one_line_with_the_suggestion(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: no config field 'learning_rat'. Did you mean \"learning_rate\" instead of "
         "\"learning_rat\"? (see --help)"]
+    proc = _run("cifar_jax.main", "--config", str(tmp_path / "missing.py"), "--workdir",
+                str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --config: cannot load the config file: [Errno 2] No such file or directory: "
+        f"'{tmp_path}/missing.py' (see --help)"]
 
 
 def test_workdir_must_be_a_directory_name(tmp_path):
