@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from absl import flags, logging
 
-from cifar_jax import cli, report, workdir as workdir_lib
+from cifar_jax import cli, report, trials as trials_lib, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "The results directory to write, e.g. results/2026-12-01-h200.")
@@ -177,7 +177,7 @@ def main(argv):
     if not jax_sel:
         raise cli.UsageError(f"--jax_grid={FLAGS.jax_grid!r} selects no configuration yet: a "
                              "model is selected once all of its grid trials have finished.")
-    pending = sum(r["status"] in ("pending", "interrupted", "preempted") for r in jax_rows)
+    pending = sum(r["status"] in trials_lib.UNFINISHED for r in jax_rows)
     if pending:
         logging.warning("%s: %d trials have not finished; publishing the models that have.",
                         FLAGS.jax_grid, pending)

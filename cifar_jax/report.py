@@ -118,7 +118,7 @@ def configurations(rows) -> Dict[str, List[Configuration]]:
 
 def open_models(rows) -> set:
     """Models with grid trials still to run (or running): their selection is provisional."""
-    return {r["model"] for r in rows if r["status"] in ("pending", "interrupted", "preempted")}
+    return {r["model"] for r in rows if r["status"] in trials_lib.UNFINISHED}
 
 
 def mean_std(values: Sequence[float]) -> tuple:
@@ -298,7 +298,7 @@ def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
         seeds = [s["best_val_accuracy"] for s in selected[model]]
         lines.append(f"- {model}: {c.name} {margin_text(c, runner_up.get(model), seeds)}.")
     for model, c in (leaders or {}).items():
-        left = sum(r["model"] == model and r["status"] in ("pending", "interrupted", "preempted")
+        left = sum(r["model"] == model and r["status"] in trials_lib.UNFINISHED
                    for r in rows)
         lines.append(f"- {model}: provisional leader {c.name} ({100 * c.mean_val:.2f}% mean "
                      f"best val); {left} trials still to finish, so nothing is selected or "

@@ -242,15 +242,25 @@ def mismatch(trial: Trial, result: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+# Statuses of trials that a rerun (or a live process) will still take to the end.
+UNFINISHED = ("pending", "interrupted", "preempted", "running")
+
+
 def trial_status(grid_workdir: str, trial: Trial) -> str:
-    """completed | diverged | failed | preempted | interrupted | pending | mismatched | unreadable."""
+    """completed | diverged | failed | preempted | interrupted | pending | running | mismatched |
+    unreadable. `running`: a live process holds the trial (its result.json, if any, is from an
+    earlier attempt)."""
     directory = os.path.join(grid_workdir, trial.relpath)
     try:
         result = workdir_lib.read_result(directory)
     except workdir_lib.WorkdirError:
         return "unreadable"
+    if (result or {}).get("status") != "completed" and workdir_lib.RunLock.probably_held(
+            directory):
+        return "running"
     if result is None:
-        return "interrupted" if os.path.exists(os.path.join(directory, "config.json")) else "pending"
+        started = os.path.exists(os.path.join(directory, "config.json"))
+        return "interrupted" if started else "pending"
     if mismatch(trial, result):
         return "mismatched"
     return result.get("status", "unknown")

@@ -38,10 +38,13 @@ class WriteError(WorkdirError):
 # Atomic files.
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any threads
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -55,7 +58,7 @@ def write_text_atomic(path: str, text: str) -> None:
     except OSError as e:
         raise write_error(directory, e, len(text), what) from e
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp: 0600)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp: 0600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -320,6 +323,22 @@ class RunLock:
             pass
         os.close(self._fd)
         self._fd = None
+
+    @classmethod
+    def probably_held(cls, directory: str, name: str = "run.lock") -> bool:
+        """Whether another live process seems to hold the lock, judged from the file alone
+        (taking the lock to find out would make a concurrent claim fail): a lock file that
+        names another live process on this host, or any process on another host."""
+        info = cls._read_info(os.path.join(directory, name))
+        if not info:
+            return False
+        if info.get("host") != socket.gethostname():
+            return True
+        try:
+            pid = int(info.get("pid", -1))
+        except (TypeError, ValueError):
+            return False
+        return pid != os.getpid() and _process_alive(pid)
 
     def __enter__(self):
         if not self.held:

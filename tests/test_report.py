@@ -211,3 +211,22 @@ def test_a_failed_seed_rules_its_configuration_out_and_ties_go_to_the_best_epoch
     rows = report.collect(str(tmp_path / "tie"), trials.expand(c))
     assert [x.name for x in report.configurations(rows)["alexnet"]][0].startswith("adam")
     assert all(r["test_accuracy"] is None for r in rows)  # unselected: no test figures
+
+
+def test_a_trial_that_another_process_reruns_is_running_not_failed(tmp_path):
+    import json
+    import socket
+
+    c = _grid()
+    _fake_trial(str(tmp_path), _trial(c, "sgd"), [0.5, 0.6, 0.7])
+    adam = _trial(c, "adam")
+    directory = tmp_path / adam.relpath
+    directory.mkdir(parents=True)
+    workdir_lib.write_result(str(directory), {"status": "failed", "framework": "jax",
+                                              **adam.hyperparameters()})  # an earlier attempt
+    (directory / "run.lock").write_text(json.dumps({"host": socket.gethostname(),
+                                                    "pid": os.getppid()}))  # a live process
+    assert trials.trial_status(str(tmp_path), adam) == "running"
+    assert report.write_report(str(tmp_path), c)["selected"] == {}  # the model is still open
+    os.remove(directory / "run.lock")  # released without a new result: the failure stands
+    assert trials.trial_status(str(tmp_path), adam) == "failed"

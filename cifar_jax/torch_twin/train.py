@@ -95,11 +95,14 @@ def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split) -> Di
     """Loss and accuracy of a twin run's best-validation model on `split`."""
     device = _device()
     model = build_model(config).to(device)
-    model.load_state_dict(_load(os.path.join(workdir, "torch_best.pt"), device))
+    model.load_state_dict(_load(
+        os.path.join(workdir, "torch_best.pt"), device, "Move it and torch_checkpoint.pt away "
+        "and run again (the twin then trains this run afresh), or use a new --workdir."))
     return evaluate(model, split, config.eval_batch_size, device, config.tta_flip)
 
 
-def _load(path: str, device) -> Dict[str, Any]:
+def _load(path: str, device, remedy: str = "Move it away and run again: the twin then starts "
+          "this run afresh.") -> Dict[str, Any]:
     """A twin checkpoint (tensors and plain data only); CheckpointError naming a damaged one."""
     from cifar_jax.checkpointing import CheckpointError
 
@@ -107,8 +110,8 @@ def _load(path: str, device) -> Dict[str, Any]:
         return torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first}). Move it "
-                              "away and run again: the twin then starts this run afresh.") from e
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first}). {remedy}") \
+            from e
 
 
 def train_and_evaluate(config, workdir: str,
