@@ -30,7 +30,6 @@ from absl import logging
 from cifar_jax import native, workdir as workdir_lib
 from cifar_jax.workdir import WorkdirError
 
-_STEP_DIR = re.compile(r"^\d+$")
 _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
 
@@ -38,7 +37,9 @@ class CheckpointError(RuntimeError):
     """No readable checkpoint where checkpoints exist."""
 
 
-def _first_line(error: BaseException) -> str:
+def error_summary(error: BaseException) -> str:
+    """An error's type and first line: libraries reading a damaged file (tensorstore, torch)
+    put whole tracebacks or dumps after it."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
@@ -63,7 +64,7 @@ def check_layout(directory: str) -> None:
         return
     foreign = [name for name in sorted(os.listdir(directory))
                if not (os.path.isdir(os.path.join(directory, name))
-                       and (_STEP_DIR.match(name) or _TMP_DIR.match(name)))]
+                       and (workdir_lib.CHECKPOINT_STEP.match(name) or _TMP_DIR.match(name)))]
     if foreign:
         raise WorkdirError(f"{directory} holds entries that are not checkpoints: "
                            f"{', '.join(foreign[:5])}. Move them away and run again.")
@@ -82,16 +83,6 @@ def remove_unfinished(directory: str) -> None:
             logging.warning("Removing %s/%s, left by a save that did not complete.", directory,
                             name)
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-
-
-def latest_step_on_disk(workdir: str) -> Optional[int]:
-    """The newest committed checkpoint step of a run directory, from the listing alone."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(n) for n in os.listdir(directory)
-             if _STEP_DIR.match(n) and os.path.isdir(os.path.join(directory, n))]
-    return max(steps, default=None)
 
 
 class Checkpoints:
@@ -159,7 +150,7 @@ class Checkpoints:
             try:
                 return (*self._restore(step, template), None)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                error = _first_line(e)
+                error = error_summary(e)
             gc.collect()  # the failed read's abandoned tasks report while it is quiet
             time.sleep(0.2)
         return None, None, error

@@ -52,14 +52,21 @@ def _exit_codes():
               checkpointing.CheckpointError, UsageError, OSError), 2, True))
 
 
+def _config_load_failure(text: str) -> str:
+    """ml_collections' message for a config file it could not load (a traceback, or a list of
+    the paths it tried, flattened into the message) ends with the cause."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"cannot load the config file: {lines[-1] if lines else text}"
+
+
 def _flag_error_text(error: BaseException) -> str:
     """One line for a flag-parsing error; ml_collections' misspelt-field errors included."""
     inner = error.args[0] if error.args else error
     if isinstance(inner, KeyError) and inner.args:
         inner = inner.args[0]
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
-    if "Error whilst parsing config file" in str(inner):  # a traceback, flattened: its cause
-        return f"cannot load the config file: {lines[-1] if lines else inner}"
+    if "Error whilst parsing config file" in str(inner):
+        return _config_load_failure(str(inner))
     if isinstance(error, (AttributeError, KeyError)):  # ml_collections: a field it lacks
         name = lines[0].strip("'\"") if lines else "?"
         hint = f" {lines[1]}" if len(lines) > 1 and lines[1].startswith("Did you mean") else ""
@@ -89,9 +96,7 @@ def _check_config_loaded() -> None:
         try:
             config.to_dict()
         except Exception as e:  # noqa: BLE001 - its message is the reason
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            raise ValueError(f"--config: cannot load the config file: "
-                             f"{lines[-1] if lines else e}") from None
+            raise ValueError(f"--config: {_config_load_failure(str(e))}") from None
 
 
 # Warnings that say nothing wrong: orbax on a mid-epoch save (no validation metric by design);

@@ -20,7 +20,6 @@ from absl import logging
 from cifar_jax import (config_checks, engine as engine_lib, input_pipeline, metric_writing,
                        report, train, trials as trials_lib, workdir as workdir_lib)
 from cifar_jax.augment import AUGMENTATIONS
-from cifar_jax.checkpointing import latest_step_on_disk
 from cifar_jax.optim import OPTIMIZERS
 from cifar_jax.trials import Trial
 
@@ -120,8 +119,8 @@ class _Runner:
                 first = claimed[0][0]
                 if (len(claimed) >= pack_size(self.config, first.model)
                         or self._spec(trial) != self._spec(first)
-                        or latest_step_on_disk(self.directory(trial))
-                        != latest_step_on_disk(self.directory(first))):
+                        or workdir_lib.latest_step_on_disk(self.directory(trial))
+                        != workdir_lib.latest_step_on_disk(self.directory(first))):
                     continue
             queue.remove(trial)
             try:

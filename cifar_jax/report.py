@@ -18,7 +18,7 @@ import io
 import math
 import os
 import statistics
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
 from absl import logging
@@ -71,10 +71,10 @@ def _val_loss_at(directory: str, epoch: int) -> Optional[float]:
     """The validation loss of one epoch, from the trial's metrics.jsonl (the selection's
     tie-break: the loss that goes with the best epoch's accuracy)."""
     try:
-        records = workdir_lib.read_jsonl(os.path.join(directory, "metrics.jsonl"))
+        record = workdir_lib.epoch_record(os.path.join(directory, "metrics.jsonl"), epoch)
     except workdir_lib.WorkdirError:
         return None
-    return next((r.get("val_loss") for r in records if r.get("epoch") == epoch), None)
+    return (record or {}).get("val_loss")
 
 
 @dataclasses.dataclass
@@ -116,9 +116,14 @@ def configurations(rows) -> Dict[str, List[Configuration]]:
     return out
 
 
-def open_models(rows) -> set:
-    """Models with grid trials still to run (or running): their selection is provisional."""
-    return {r["model"] for r in rows if r["status"] in trials_lib.UNFINISHED}
+def split_by_finished(ranked: Dict[str, List[Configuration]], rows) -> Tuple[
+        Dict[str, Configuration], Dict[str, Configuration]]:
+    """Each model's best configuration: selected where all of the model's grid trials have
+    finished; a provisional leader where some are still to run (or running), which is never
+    test-evaluated (nor selected from by another run)."""
+    still_open = {r["model"] for r in rows if r["status"] in trials_lib.UNFINISHED}
+    best = {m: cs[0] for m, cs in ranked.items() if m not in still_open}
+    return best, {m: cs[0] for m, cs in ranked.items() if m in still_open}
 
 
 def mean_std(values: Sequence[float]) -> tuple:
@@ -208,8 +213,7 @@ def _mark_selected(workdir, config, rows, selected: Dict[str, List[Dict[str, Any
 def best_configurations(workdir: str, config) -> Dict[str, Configuration]:
     """Per model whose grid trials have all finished, its selected configuration."""
     rows = collect(workdir, trials_lib.expand(config))
-    still_open = open_models(rows)
-    return {m: cs[0] for m, cs in configurations(rows).items() if m not in still_open}
+    return split_by_finished(configurations(rows), rows)[0]
 
 
 def selected_in(grid_workdir: str) -> Dict[str, Dict[str, Any]]:
@@ -343,11 +347,8 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
     lock.try_acquire(blocking=True)  # one report at a time; the next one sees its results
     try:
         rows = collect(workdir, trials_lib.expand(config))
-        ranked, still_open = configurations(rows), open_models(rows)
-        # Only a model whose grid has finished is selected and test-evaluated: a provisional
-        # leader must not see the test split (nor another run select from it).
-        best = {m: cs[0] for m, cs in ranked.items() if m not in still_open}
-        leaders = {m: cs[0] for m, cs in ranked.items() if m in still_open}
+        ranked = configurations(rows)
+        best, leaders = split_by_finished(ranked, rows)
         runner_up = {m: cs[1] for m, cs in ranked.items() if len(cs) > 1}
         rows += [dict(r, repeat=True) for r in collect(workdir, repeat_trials(config, best))]
         selected = {m: [r for r in rows if r["status"] == "completed" and r["model"] == m

@@ -160,7 +160,7 @@ def _check_member(member: Member) -> None:
     checkpointing.check_layout(os.path.join(member.workdir, "checkpoints"))
     if not os.path.exists(os.path.join(member.workdir, "result.json")) and os.path.isdir(
             os.path.join(member.workdir, "best_weights")) and \
-            checkpointing.latest_step_on_disk(member.workdir) is None:
+            workdir_lib.latest_step_on_disk(member.workdir) is None:
         raise workdir_lib.WorkdirError(
             f"{member.workdir} holds best_weights/ but neither result.json nor checkpoints: a "
             "completed run whose result.json was lost. Move best_weights/ away to train it "
@@ -446,7 +446,7 @@ def _end_epoch(pack: Pack, epoch: int, seconds: float, steps: int, eta) -> None:
             record.update(val_loss=val[i]["loss"], val_accuracy=val[i]["accuracy"])
             m.writer.write_scalars(pack.step, {"val/loss": val[i]["loss"],
                                                "val/accuracy": val[i]["accuracy"]})
-        selection = record.get("val_accuracy", record["train_accuracy"])
+        selection = workdir_lib.selection_accuracy(record)
         if selection > m.best_val:
             m.best_val, m.best_epoch = selection, epoch + 1
         # metrics.jsonl first: a resume from an older checkpoint drops this record again.
@@ -552,10 +552,9 @@ def _keep_best_weights(pack: Pack) -> Dict[str, Dict[str, Any]]:
                 logging.warning("%s: keeping epoch %s, the best of the epoch checkpoints left "
                                 "(the best epoch was %d).", m.workdir, meta.get("epoch"),
                                 m.best_epoch)
-                record = next(r for r in workdir_lib.read_jsonl(m.metrics_path)
-                              if r["epoch"] == meta["epoch"])
                 m.best_epoch = meta["epoch"]
-                m.best_val = record.get("val_accuracy", record["train_accuracy"])
+                m.best_val = workdir_lib.selection_accuracy(
+                    workdir_lib.epoch_record(m.metrics_path, m.best_epoch))
             kept[m.workdir] = _weights(state["train_state"])
             m.ckpts.save_weights(kept[m.workdir])
     return kept

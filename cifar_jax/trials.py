@@ -129,15 +129,13 @@ def _values(text, cast, field: str) -> List[Any]:
     return unique
 
 
-def _axis_text(grid, model: str, axis: Axis) -> Optional[str]:
+def _axis_text(grid, model: str, axis: Axis, dropout_models: Sequence[str]) -> Optional[str]:
     """The values of `axis` for `model`: a per-model override, else the grid's, else None."""
     per_model = grid.get("per_model") or {}
     override = (per_model.get(model) or {}).get(axis.grid_field)
     if override is not None:
         return override
     if axis.key == "dropout_rate":
-        dropout_models = _values(grid.dropout_models, str, "dropout_models") \
-            if grid.get("dropout_models") else []
         return grid.dropout_rate if model in dropout_models else None
     return grid.get(axis.grid_field)
 
@@ -145,10 +143,13 @@ def _axis_text(grid, model: str, axis: Axis) -> Optional[str]:
 def expand(config: ml_collections.ConfigDict) -> List[Trial]:
     """All trials of `config.grid`, in a fixed order (model, then the axes in AXES order)."""
     grid = config.grid
-    _check_model_names(grid)
+    models = _values(grid.models, str, "models")
+    dropout_models = (_values(grid.dropout_models, str, "dropout_models")
+                      if grid.get("dropout_models") else [])
+    _check_model_names(grid, {"models": models, "dropout_models": dropout_models})
     trials: List[Trial] = []
-    for model in _values(grid.models, str, "models"):
-        axes = [(a, _axis_text(grid, model, a)) for a in AXES]
+    for model in models:
+        axes = [(a, _axis_text(grid, model, a, dropout_models)) for a in AXES]
         axes = [(a, _values(text, a.cast, a.grid_field)) for a, text in axes if text is not None]
         for combo in itertools.product(*(values for _, values in axes)):
             values = tuple((a.key, v) for (a, _), v in zip(axes, combo))
@@ -156,13 +157,10 @@ def expand(config: ml_collections.ConfigDict) -> List[Trial]:
     return trials
 
 
-def _check_model_names(grid) -> None:
-    """Model names in grid.models and grid.dropout_models exist (a misspelt name would
-    silently drop the dropout axis, or fail late as config.model)."""
-    models = _values(grid.models, str, "models")
-    named = {"models": models}
-    if grid.get("dropout_models"):
-        named["dropout_models"] = _values(grid.dropout_models, str, "dropout_models")
+def _check_model_names(grid, named: Dict[str, List[str]]) -> None:
+    """Model names in grid.models and grid.dropout_models (`named`: field -> parsed names)
+    exist (a misspelt name would silently drop the dropout axis, or fail late as
+    config.model)."""
     for field, names in named.items():
         unknown = [m for m in names if m not in MODELS]
         if unknown:

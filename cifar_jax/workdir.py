@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -23,6 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from absl import logging
 
 from cifar_jax import config_checks, models
+
+CHECKPOINT_STEP = re.compile(r"^\d+$")  # a committed orbax step directory in checkpoints/
 
 
 class WorkdirError(Exception):
@@ -146,6 +149,17 @@ def read_jsonl(path: str, repair: bool = False) -> List[Dict[str, Any]]:
                                 "an interrupted write.", path, len(line))
                 _write_jsonl(path, records)
     return records
+
+
+def selection_accuracy(record: Mapping[str, Any]) -> float:
+    """The accuracy an epoch's record competes on for best epoch and model selection:
+    validation, or training accuracy when there is no validation split (val_size=0)."""
+    return record.get("val_accuracy", record["train_accuracy"])
+
+
+def epoch_record(path: str, epoch: int) -> Optional[Dict[str, Any]]:
+    """One epoch's record of a metrics.jsonl (read-only), or None."""
+    return next((r for r in read_jsonl(path) if r.get("epoch") == epoch), None)
 
 
 def truncate_jsonl(path: str, max_step: int) -> None:
@@ -353,13 +367,23 @@ class RunLock:
 # The stored config and the result, the same for JAX and the PyTorch twin.
 
 
+def latest_step_on_disk(workdir: str) -> Optional[int]:
+    """The newest committed (orbax) checkpoint step of a run directory, from the listing
+    alone."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(n) for n in os.listdir(directory)
+             if CHECKPOINT_STEP.match(n) and os.path.isdir(os.path.join(directory, n))]
+    return max(steps, default=None)
+
+
 def _holds_training(workdir: str) -> bool:
     """Whether anything trained is saved: a checkpoint (JAX or twin) or a completed run's
     weights. Without it a rerun starts from scratch, so any config change is harmless."""
-    checkpoints = os.path.join(workdir, "checkpoints")
-    steps = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
-    return steps or any(os.path.exists(os.path.join(workdir, name)) for name in (
-        "torch_checkpoint.pt", "torch_best.pt", "best_weights"))
+    return latest_step_on_disk(workdir) is not None or any(
+        os.path.exists(os.path.join(workdir, name))
+        for name in ("torch_checkpoint.pt", "torch_best.pt", "best_weights"))
 
 
 def check_stored_config(config, workdir: str) -> List[str]:

@@ -104,14 +104,12 @@ def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split) -> Di
 def _load(path: str, device, remedy: str = "Move it away and run again: the twin then starts "
           "this run afresh.") -> Dict[str, Any]:
     """A twin checkpoint (tensors and plain data only); CheckpointError naming a damaged one."""
-    from cifar_jax.checkpointing import CheckpointError
+    from cifar_jax.checkpointing import CheckpointError, error_summary
 
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first}). {remedy}") \
-            from e
+        raise CheckpointError(f"{path} is unreadable ({error_summary(e)}). {remedy}") from e
 
 
 def train_and_evaluate(config, workdir: str,
@@ -264,7 +262,7 @@ class _Run:
             v = evaluate(self.model, self.data.val, config.eval_batch_size, self.device,
                          config.tta_flip)
             record.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
-        metric = record.get("val_accuracy", record["train_accuracy"])
+        metric = workdir_lib.selection_accuracy(record)
         if metric > self.best_val:
             self.best_val, self.best_epoch = metric, self.epoch
             self._save_best()  # before the checkpoint that names it: a retrain redoes both
