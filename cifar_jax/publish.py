@@ -15,7 +15,6 @@ the README are never typed by hand.
 import csv
 import os
 import shutil
-import statistics
 from typing import Any, Dict, List, Optional
 
 from absl import flags, logging
@@ -48,12 +47,10 @@ def read_rows(grid_workdir: str) -> List[Dict[str, str]]:
 
 
 def _pct(values: List[float]) -> str:
+    """The report's mean ± std, with the number of seeds where there are several."""
     if not values:
         return "–"
-    mean = 100 * statistics.mean(values)
-    if len(values) == 1:
-        return f"{mean:.2f}%"
-    return f"{mean:.2f}% ± {100 * statistics.stdev(values):.2f} (n={len(values)})"
+    return report.pct_std(values) + (f" (n={len(values)})" if len(values) > 1 else "")
 
 
 def selected(rows: List[Dict[str, str]]) -> Dict[str, Dict[str, Any]]:

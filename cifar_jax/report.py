@@ -256,7 +256,7 @@ def _pct(x: Optional[float]) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
-def _pct_std(values: Sequence[float]) -> str:
+def pct_std(values: Sequence[float]) -> str:
     mean, std = mean_std(values)
     if mean is None:
         return ""
@@ -293,8 +293,8 @@ def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
         lines.append(
             f"| {model} | {r['optimizer']} | {r['learning_rate']:g} | {r['weight_decay']:g} | "
             f"{r['augmentation']} | {'' if r['dropout_rate'] is None else r['dropout_rate']} | "
-            f"{len(sel)} | {_pct_std([s['best_val_accuracy'] for s in sel])} | "
-            f"{_pct_std([s['test_accuracy'] for s in sel])} | "
+            f"{len(sel)} | {pct_std([s['best_val_accuracy'] for s in sel])} | "
+            f"{pct_std([s['test_accuracy'] for s in sel])} | "
             f"{_pct(PUBLISHED_BEST_VAL.get(model))} |")
     lines += ["", "Selection margin (means over the grid's seeds; the noise from every seed run "
               "of the selected configuration and the runner-up):", ""]
@@ -329,7 +329,7 @@ def _effects_markdown(rows) -> List[str]:
                 continue
             for v in values:
                 accs = [r["best_val_accuracy"] for r in done if r[hp] == v]
-                lines.append(f"| {hp} | {v} | {_pct_std(accs)} | {len(accs)} |")
+                lines.append(f"| {hp} | {v} | {pct_std(accs)} | {len(accs)} |")
         lines.append("")
     return lines
 

@@ -25,7 +25,8 @@ PRECISION = {"default": None, "tf32": "high", "highest": "highest"}
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0) -> float:
-    """Linear warm-up, then cosine from 1 to 0 over the remaining steps (per step)."""
+    """Linear warm-up, then cosine from 1 to 0 over the remaining steps (per step). Written
+    apart from optim.unit_schedule on purpose: the parity test compares the two."""
     if warmup_steps > 0 and step < warmup_steps:
         return step / warmup_steps
     decay = max(total_steps - warmup_steps, 1)
