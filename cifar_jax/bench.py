@@ -22,6 +22,7 @@ allocated), and the projected wall time of the model's share of the study's grid
 """
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -117,7 +118,7 @@ def bench_jax(model: str, variant: str, pack_size: int, precision: str) -> Dict[
     """Train images/s (all trials of the pack), first chunk cold and warm, eval images/s."""
     import jax
 
-    from cifar_jax import engine as engine_lib, input_pipeline
+    from cifar_jax import engine as engine_lib
 
     dtype, step_loop = JAX_VARIANTS[variant]
     config = _jax_config(model, dtype, step_loop, precision)
@@ -153,25 +154,34 @@ def bench_jax(model: str, variant: str, pack_size: int, precision: str) -> Dict[
 
     chunk()  # settle
     rate = _median_rate(chunk, pack_size * n, FLAGS.windows)
-    split = input_pipeline.Split(images[:FLAGS.eval_batch_size], labels[:FLAGS.eval_batch_size])
-    eval_rate = _jax_eval_rate(programs, states, split, pack_size)
+    eval_rate, eval_images = _jax_eval_rate(programs, states, pack_size)
     stats = jax.devices()[0].memory_stats() or {}  # None on the CPU
     return {"framework": "jax", "model": model, "variant": variant, "dtype": dtype,
             "precision": precision, "pack_size": pack_size, "train_images_per_s": rate,
             "first_step_cold_s": cold, "first_step_warm_s": warm,
-            "eval_images_per_s": eval_rate,
+            "eval_images_per_s": eval_rate, "eval_images": eval_images,
             "memory_mb": stats.get("bytes_in_use", 0) / 2**20 or None,
             "device": jax.devices()[0].device_kind}
 
 
-def _jax_eval_rate(programs, states, split, pack_size: int) -> float:
-    """Evaluation images/s over one padded split (all trials of the pack)."""
-    from cifar_jax import engine as engine_lib
+EVAL_BATCHES = 2  # full evaluation batches per timed evaluation
 
+
+def _jax_eval_rate(programs, states, pack_size: int):
+    """Evaluation images/s over EVAL_BATCHES full batches of real images (all trials of the
+    pack), and the images one timed evaluation processes: only whole batches are timed, so
+    that the padding of a partial batch is never timed without being counted."""
+    from cifar_jax import engine as engine_lib, input_pipeline
+
+    n = EVAL_BATCHES * FLAGS.eval_batch_size
+    rng = np.random.default_rng(1)
+    split = input_pipeline.Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                                 rng.integers(0, 10, (n,), dtype=np.int32))
     eval_data = engine_lib.put_eval_splits({"x": split}, FLAGS.eval_batch_size, programs)
     engine_lib.evaluate(programs, states, eval_data, "x")  # compile
-    return _median_rate(lambda: engine_lib.evaluate(programs, states, eval_data, "x"),
-                        pack_size * len(split), max(3, FLAGS.windows))
+    rate = _median_rate(lambda: engine_lib.evaluate(programs, states, eval_data, "x"),
+                        pack_size * n, max(3, FLAGS.windows))
+    return rate, n
 
 
 def _torch_eval_rate(forward, device, fmt, amp: bool, sync) -> float:
@@ -240,6 +250,7 @@ def bench_torch(model: str, variant: str, precision: str) -> Dict[str, Any]:
             "dtype": "bfloat16-amp" if amp else "float32", "precision": precision,
             "pack_size": 1, "train_images_per_s": rate, "first_step_cold_s": first,
             "first_step_warm_s": None, "eval_images_per_s": eval_rate,
+            "eval_images": FLAGS.eval_batch_size,
             "memory_mb": (torch.cuda.max_memory_allocated() / 2**20
                           if device.type == "cuda" else None),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
@@ -274,7 +285,7 @@ def model_info(model: str) -> Dict[str, Any]:
 
     from cifar_jax.models import get_model
 
-    net = get_model(model)
+    net = get_model(model, depthwise="grouped")  # MACs are counted from convolutions
     variables = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                                 train=False))
     params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
@@ -286,8 +297,6 @@ def model_info(model: str) -> Dict[str, Any]:
 def efficiency_jax(model: str) -> Dict[str, Any]:
     """Checkpoint size on disk, batch-1 latency and batch-1024 inference throughput (medians
     of 4 x --windows and --windows timed calls)."""
-    import os
-
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -331,30 +340,46 @@ def _kind(row: Dict[str, Any]) -> str:
     return "bf16" if "bfloat16" in row["dtype"] else "f32"
 
 
+def settings_line() -> str:
+    """What the table's figures were measured with, as its first line."""
+    import jax
+
+    return (f"Settings: training batch {FLAGS.batch_size} (per trial), timed in chunks of "
+            f"{FLAGS.chunk_steps} steps, median of {FLAGS.windows} chunks; evaluation batch "
+            f"{FLAGS.eval_batch_size}, full batches only; precision {FLAGS.precision}; device "
+            f"{jax.devices()[0].device_kind} ({jax.device_count()} JAX device(s), "
+            f"{os.cpu_count()} CPU cores).")
+
+
 def markdown_table(rows: List[Dict[str, Any]], info: Dict[str, Dict[str, Any]]) -> str:
     study = study_shape()
-    fastest_torch: Dict[tuple, float] = {}
+    fastest: Dict[tuple, float] = {}  # (model, dtype kind, metric) -> the best PyTorch figure
     for r in rows:
         if r["framework"] == "torch":
-            key = (r["model"], _kind(r))
-            fastest_torch[key] = max(fastest_torch.get(key, 0), r["train_images_per_s"])
-    lines = ["| model | params | MACs/image | framework | variant | pack | precision | train "
+            for metric in ("train_images_per_s", "eval_images_per_s"):
+                key = (r["model"], _kind(r), metric)
+                fastest[key] = max(fastest.get(key, 0), r[metric])
+
+    def ratio(r, metric):
+        best = fastest.get((r["model"], _kind(r), metric))
+        return f"{r[metric] / best:.2f}x" if r["framework"] == "jax" and best else ""
+
+    lines = [settings_line(), "",
+             "| model | params | MACs/image | framework | variant | pack | precision | train "
              "img/s | vs fastest PyTorch of its dtype | first step s (cold / warm) | eval img/s "
-             "| device MB | projected grid share |",
+             "| vs fastest PyTorch eval | device MB | projected grid share |",
              "| --- | ---: | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: "
-             "| ---: |"]
+             "| ---: | ---: |"]
     for r in rows:
         m = info[r["model"]]
-        fastest = fastest_torch.get((r["model"], _kind(r)))
-        ratio = (f"{r['train_images_per_s'] / fastest:.2f}x"
-                 if r["framework"] == "jax" and fastest else "")
         warm = "" if r["first_step_warm_s"] is None else f" / {r['first_step_warm_s']:.1f}"
         mem = f"{r['memory_mb']:.0f}" if r.get("memory_mb") else "n/a"
         lines.append(
             f"| {r['model']} | {m['params']:,} | {m['macs_per_image'] / 1e6:.1f}M | "
             f"{r['framework']} | {r['variant']} | {r['pack_size']} | {r['precision']} | "
-            f"{r['train_images_per_s']:,.0f} | {ratio} | {r['first_step_cold_s']:.1f}{warm} | "
-            f"{r['eval_images_per_s']:,.0f} | {mem} | "
+            f"{r['train_images_per_s']:,.0f} | {ratio(r, 'train_images_per_s')} | "
+            f"{r['first_step_cold_s']:.1f}{warm} | {r['eval_images_per_s']:,.0f} | "
+            f"{ratio(r, 'eval_images_per_s')} | {mem} | "
             f"{projected_grid_seconds(r, study) / 60:.1f} min |")
     return "\n".join(lines)
 
@@ -374,6 +399,28 @@ def _check_flags() -> None:
     if not all(p.isdigit() and int(p) > 0 for p in FLAGS.pack_sizes):
         raise cli.UsageError(f"--pack_sizes={','.join(FLAGS.pack_sizes)}: expected positive "
                              "integers, e.g. 1,4,8.")
+    for name in ("batch_size", "eval_batch_size", "chunk_steps", "windows"):
+        if FLAGS[name].value < 1:
+            raise cli.UsageError(f"--{name}={FLAGS[name].value}: expected a positive integer.")
+    if FLAGS.out:
+        _check_out(FLAGS.out)
+
+
+def _check_out(path: str) -> None:
+    """--out must be writable before minutes of timing (on a rented GPU, they would be lost)."""
+    from cifar_jax import workdir
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise cli.UsageError(f"--out={path!r} is a directory; give a file name, e.g. "
+                             f"{os.path.join(path, 'bench.json')}.")
+    if not os.path.isdir(directory):
+        raise cli.UsageError(f"--out={path!r}: the directory {directory} does not exist; "
+                             "create it first (or write elsewhere).")
+    try:
+        workdir.ensure_writable(directory, what=f"write --out={path}")
+    except workdir.WorkdirError as e:
+        raise cli.UsageError(str(e).split(". Everything written before")[0] + ".") from None
 
 
 def main(argv):

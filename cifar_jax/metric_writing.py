@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
 
@@ -97,9 +97,12 @@ def format_duration(seconds: float) -> str:
 
 class Eta:
     """Steps per second after the first chunk of steps (which includes compilation), and the
-    time left; `describe` gives the progress line's tail."""
+    time left; `describe` gives the progress line's tail, and `outlook(steps_per_sec,
+    steps_left)` (optional) adds to it, e.g. the whole grid's time left."""
 
-    def __init__(self, total_steps: int, start_step: int):
+    def __init__(self, total_steps: int, start_step: int,
+                 outlook: Optional[Callable[[float, int], str]] = None):
+        self._outlook = outlook
         self._total = total_steps
         self._created = time.perf_counter()
         self._t0 = None
@@ -124,4 +127,7 @@ class Eta:
     def describe(self) -> str:
         if not self.steps_per_sec > 0:
             return f"first chunk {self.first_chunk_s:.1f}s (with compilation)"
-        return f"{self.steps_per_sec:.1f} steps/s  eta {format_duration(self.seconds_left())}"
+        text = f"{self.steps_per_sec:.2f} steps/s  eta {format_duration(self.seconds_left())}"
+        if self._outlook is not None:
+            text += f"  {self._outlook(self.steps_per_sec, self._total - self._step)}"
+        return text

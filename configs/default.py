@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     # since Ampere: XLA uses TF32 for both, PyTorch for convolutions only), 'tf32', or
     # 'highest' (true float32); set one of the last two to compare frameworks. In result.json.
     config.precision = "default"
+    # How depthwise convolutions (MobileNetV2) are computed: 'shifts' (k*k shifted
+    # multiply-adds), 'grouped' (XLA's grouped convolution) or 'auto' (shifts on the CPU, where
+    # XLA has no fast grouped convolution; grouped elsewhere). Equal up to float rounding.
+    config.depthwise = "auto"
 
     # Optimizer: 'sgd' (momentum, coupled L2 like torch.optim.SGD), 'adam' (coupled L2 like
     # torch.optim.Adam(weight_decay=...)) or 'adamw' (decoupled weight decay).

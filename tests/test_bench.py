@@ -22,10 +22,12 @@ def test_mac_count_matches_hand_count_for_alexnet():
 
 
 def test_bench_smoke_output_format(tmp_path):
+    """The table and JSON; evaluation is timed on full batches of real images and counts them,
+    even when the timed training images (8 x 2) are fewer than one evaluation batch (32)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_jax.bench", "--models", "alexnet", "--frameworks",
-         "jax,torch", "--batch_size", "8", "--eval_batch_size", "16", "--chunk_steps", "2",
+         "jax,torch", "--batch_size", "8", "--eval_batch_size", "32", "--chunk_steps", "2",
          "--windows", "2", "--jax_variants", "steps", "--pack_sizes", "2",
          "--torch_variants", "eager", "--precision", "highest", "--efficiency",
          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -38,12 +40,17 @@ def test_bench_smoke_output_format(tmp_path):
     for r in rows.values():
         assert r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
         assert r["precision"] == "highest"
+    assert rows[("jax", "steps", 2)]["eval_images"] == 2 * 32  # two full batches, no padding
+    assert rows[("torch", "eager", 1)]["eval_images"] == 32
+    assert data["table"].startswith("Settings: training batch 8 (per trial), timed in chunks "
+                                    "of 2 steps, median of 2 chunks; evaluation batch 32")
     cold, warm = rows[("jax", "steps", 2)]["first_step_cold_s"], rows[("jax", "steps", 2)][
         "first_step_warm_s"]
     assert warm < cold  # the second compile came from the persistent cache
     assert data["models"]["alexnet"]["params"] == 23_272_266
     assert data["models"]["alexnet"]["macs_per_image"] > 6e7
-    assert "x |" in data["table"]  # the JAX / fastest-PyTorch ratio column is filled
+    jax_line = next(line for line in data["table"].splitlines() if "| jax | steps |" in line)
+    assert jax_line.count("x |") == 2  # train and eval ratios to the fastest PyTorch
     assert " min |" in data["table"]  # projected grid share
     (eff,) = data["efficiency"]
     assert 40 < eff["checkpoint_mb"] < 100  # 23.3M float32 parameters (88.8 MB raw, compressed)

@@ -102,3 +102,37 @@ def test_resnet50_is_the_cifar_bottleneck_variant():
     assert params["layer1_0"]["conv3"]["kernel"].shape == (1, 1, 64, 256)  # expansion 4
     assert [sum(k.startswith(f"layer{s}_") for k in params) for s in (1, 2, 3, 4)] == [3, 4, 6, 3]
     assert params["fc"]["kernel"].shape == (2048, 10)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_depthwise_shifts_equal_the_grouped_convolution(strides):
+    """The CPU's depthwise form (shifted multiply-adds) against XLA's grouped convolution:
+    forward and both gradients within float32 rounding, odd and even sizes."""
+    from cifar_jax.models.layers import DepthwiseConv
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 12))
+    outputs, grads = {}, {}
+    for impl in ("shifts", "grouped"):
+        layer = DepthwiseConv(3, strides, impl)
+        variables = layer.init(jax.random.PRNGKey(1), x)
+        assert variables["params"]["kernel"].shape == (3, 3, 1, 12)
+        loss = lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x)))  # noqa: E731
+        outputs[impl] = layer.apply(variables, x)
+        grads[impl] = jax.grad(loss, argnums=(0, 1))(variables, x)
+    assert outputs["shifts"].shape == (2, 9 // strides + 9 % strides, 8 // strides, 12)
+    np.testing.assert_allclose(outputs["shifts"], outputs["grouped"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads["shifts"]), jax.tree.leaves(grads["grouped"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mobilenetv2_depthwise_forms_share_parameters_and_outputs():
+    """Either depthwise form initialises the same parameters (same names, shapes, values: the
+    same checkpoints) and computes the same logits."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    forms = {impl: get_model("mobilenetv2", depthwise=impl) for impl in ("shifts", "grouped")}
+    variables = {impl: _init(m) for impl, m in forms.items()}
+    assert jax.tree.structure(variables["shifts"]) == jax.tree.structure(variables["grouped"])
+    for a, b in zip(jax.tree.leaves(variables["shifts"]), jax.tree.leaves(variables["grouped"])):
+        np.testing.assert_array_equal(a, b)
+    logits = {impl: m.apply(variables["grouped"], x, train=False) for impl, m in forms.items()}
+    np.testing.assert_allclose(logits["shifts"], logits["grouped"], rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Model registry: `get_model(name, **kwargs)` returns a Flax module."""
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import flax.linen as nn
 
@@ -24,11 +24,14 @@ def dropout_rate(name: str, override=None) -> float:
     return float(MODELS[name].dropout_rate)
 
 
-def get_model(name: str, **kwargs) -> nn.Module:
-    """Builds the model called `name` (see MODELS)."""
+def get_model(name: str, depthwise: Optional[str] = None, **kwargs) -> nn.Module:
+    """Builds the model called `name` (see MODELS). `depthwise` (layers.DEPTHWISE_IMPLS) goes
+    to the models that have depthwise layers and is ignored by the others."""
     if name not in MODELS:
         raise ValueError(
             f"Unknown model {name!r}. Valid models: {', '.join(sorted(MODELS))}.")
+    if depthwise is not None and "depthwise" in MODELS[name].__dataclass_fields__:
+        kwargs["depthwise"] = depthwise
     return MODELS[name](**kwargs)
 
 

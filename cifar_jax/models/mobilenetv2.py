@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cifar_jax.models.layers import BatchNorm, conv_kaiming_fan_out, dropout
+from cifar_jax.models.layers import BatchNorm, DepthwiseConv, conv_kaiming_fan_out, dropout
 
 # (expansion t, output channels c, repeats n, first stride s), CIFAR strides.
 CIFAR_INVERTED_RESIDUAL_SETTING: Tuple[Tuple[int, int, int, int], ...] = (
@@ -31,17 +31,21 @@ class ConvBNReLU6(nn.Module):
     features: int
     kernel: int = 1
     strides: int = 1
-    groups: int = 1
+    depthwise: str = ""  # '' = a full convolution; else depthwise, computed by this impl
     activation: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
-        pad = (self.kernel - 1) // 2
-        x = nn.Conv(self.features, (self.kernel, self.kernel), (self.strides, self.strides),
-                    padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
-                    use_bias=False, kernel_init=conv_kaiming_fan_out, dtype=self.dtype,
-                    name="conv")(x)
+        if self.depthwise:
+            assert x.shape[-1] == self.features, "a depthwise layer keeps its channels"
+            x = DepthwiseConv(self.kernel, self.strides, self.depthwise,
+                              kernel_init=conv_kaiming_fan_out, dtype=self.dtype, name="conv")(x)
+        else:
+            pad = (self.kernel - 1) // 2
+            x = nn.Conv(self.features, (self.kernel, self.kernel), (self.strides, self.strides),
+                        padding=((pad, pad), (pad, pad)), use_bias=False,
+                        kernel_init=conv_kaiming_fan_out, dtype=self.dtype, name="conv")(x)
         x = BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn")(x)
         return relu6(x) if self.activation else x
 
@@ -50,6 +54,7 @@ class InvertedResidual(nn.Module):
     features: int
     strides: int
     expansion: int
+    depthwise: str = "auto"  # how the depthwise layer is computed (layers.DEPTHWISE_IMPLS)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -59,7 +64,7 @@ class InvertedResidual(nn.Module):
         y = x
         if self.expansion != 1:
             y = ConvBNReLU6(hidden, 1, dtype=self.dtype, name="expand")(y, train)
-        y = ConvBNReLU6(hidden, 3, self.strides, groups=hidden, dtype=self.dtype,
+        y = ConvBNReLU6(hidden, 3, self.strides, depthwise=self.depthwise, dtype=self.dtype,
                         name="depthwise")(y, train)
         y = ConvBNReLU6(self.features, 1, activation=False, dtype=self.dtype,
                         name="project")(y, train)
@@ -72,6 +77,9 @@ class MobileNetV2(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.2
     setting: Sequence[Tuple[int, int, int, int]] = CIFAR_INVERTED_RESIDUAL_SETTING
+    # How the depthwise layers are computed: 'auto' (shifted multiply-adds on the CPU, XLA's
+    # grouped convolution elsewhere), 'shifts' or 'grouped'; the same parameters either way.
+    depthwise: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -82,7 +90,7 @@ class MobileNetV2(nn.Module):
         index = 0
         for t, c, n, s in self.setting:
             for i in range(n):
-                x = InvertedResidual(c, s if i == 0 else 1, t, dtype=self.dtype,
+                x = InvertedResidual(c, s if i == 0 else 1, t, self.depthwise, dtype=self.dtype,
                                      name=f"block{index}")(x, train)
                 index += 1
         x = ConvBNReLU6(1280, 1, dtype=self.dtype, name="head")(x, train)
