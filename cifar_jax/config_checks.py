@@ -14,6 +14,7 @@ from cifar_jax.augment import AUGMENTATIONS
 from cifar_jax.engine import PRECISIONS
 from cifar_jax.input_pipeline import DataError, parse_source
 from cifar_jax.models import MODELS
+from cifar_jax.models.layers import DEPTHWISE_IMPLS
 from cifar_jax.optim import OPTIMIZERS
 
 DTYPES = ("float32", "bfloat16")
@@ -26,6 +27,7 @@ FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 NON_RESULT_FIELDS = frozenset({
     "allow_config_change", "log_every_steps", "checkpoint_max_to_keep", "eval_batch_size",
     "data.tfds_data_dir", "evaluate_test", "keep_full_checkpoints", "compilation_cache_dir", "step_loop",
+    "depthwise",
 })
 
 
@@ -74,6 +76,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _choice(errors, "precision", config.precision, tuple(PRECISIONS))
     _choice(errors, "framework", config.framework, FRAMEWORKS)
     _choice(errors, "step_loop", config.step_loop, STEP_LOOPS)
+    _choice(errors, "depthwise", config.get("depthwise", "auto"), DEPTHWISE_IMPLS)
     _number(errors, "learning_rate", config.learning_rate, 0, low_open=True)
     _number(errors, "weight_decay", config.weight_decay, 0)
     _number(errors, "momentum", config.momentum, 0, 1, high_open=True)
@@ -138,13 +141,10 @@ def _check_data_source(errors: List[str], config) -> None:
 
 
 def check_run_shape(config, dataset) -> None:
-    """The checks that need the data set's sizes (after the validation split)."""
+    """The checks that need the data set's sizes (after the validation split). (An
+    eval_batch_size larger than every evaluation split is no error: see
+    engine.eval_batch_size.)"""
     num_train = len(dataset.train)
-    largest_eval = max(len(dataset.test), len(dataset.val) if dataset.val else 0)
-    if config.eval_batch_size > largest_eval:
-        raise ConfigError(
-            f"config.eval_batch_size={config.eval_batch_size} is larger than the largest "
-            f"evaluation split ({largest_eval} images); use at most {largest_eval}.")
     if config.batch_size > num_train:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {num_train} training "

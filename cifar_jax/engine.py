@@ -17,7 +17,7 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import flax
 import jax
@@ -30,6 +30,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cifar_jax import augment, input_pipeline, models, optim
+from cifar_jax.models.layers import resolve_depthwise
 
 # Sub-streams of a trial's key: each random choice has its own, folded with step or epoch.
 _INIT, _SHUFFLE, _AUGMENT, _DROPOUT = range(4)
@@ -94,6 +95,7 @@ class StaticSpec:
     ema: bool  # keep an exponential moving average of the weights (evaluated instead)
     tta_flip: bool  # evaluate on the image and its mirror image, logits averaged
     device_loop: bool  # a chunk of steps is one on-device loop (else one dispatch per step)
+    depthwise: str  # how depthwise convolutions are computed ('shifts' or 'grouped')
     pack_size: int
     num_devices: int
 
@@ -120,15 +122,31 @@ def device_loop(step_loop: str, platform: str) -> bool:
     return step_loop == "device"
 
 
-def static_spec(config, num_train: int, pack_size: int = 1, num_devices: int = 1) -> StaticSpec:
+def eval_batch_size(config, largest_eval: Optional[int], num_devices: int = 1) -> int:
+    """config.eval_batch_size, or the largest evaluation split (rounded up to a multiple of the
+    devices) where that is smaller: evaluation pads and masks, so the result is the same, and
+    a batch larger than every split would only evaluate padding."""
+    if largest_eval is None or config.eval_batch_size <= largest_eval:
+        return config.eval_batch_size
+    return -(-largest_eval // num_devices) * num_devices
+
+
+def static_spec(config, num_train: int, pack_size: int = 1, num_devices: int = 1,
+                largest_eval: Optional[int] = None) -> StaticSpec:
+    """The compiled structure of `config`'s runs on a training set of `num_train` images
+    (`largest_eval`: the size of its largest evaluation split, see `eval_batch_size`)."""
     return StaticSpec(
         model=config.model, dtype=config.dtype, precision=config.precision,
-        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+        batch_size=config.batch_size,
+        eval_batch_size=eval_batch_size(config, largest_eval, num_devices),
         num_train=num_train, num_epochs=config.num_epochs,
         warmup_epochs=float(config.warmup_epochs), momentum=float(config.momentum),
         nesterov=bool(config.nesterov), decay_bn_and_bias=bool(config.decay_bn_and_bias),
         ema=config.ema_decay > 0, tta_flip=bool(config.tta_flip),
-        device_loop=device_loop(config.step_loop, jax.default_backend()), pack_size=pack_size,
+        device_loop=device_loop(config.step_loop, jax.default_backend()),
+        # .get: configs stored before the field existed
+        depthwise=resolve_depthwise(config.get("depthwise", "auto"), jax.default_backend()),
+        pack_size=pack_size,
         num_devices=num_devices)
 
 
@@ -294,7 +312,7 @@ class Programs:
         self.replicated = NamedSharding(self.mesh, P())
         batch = NamedSharding(self.mesh, P("data"))
         precision = PRECISIONS[spec.precision]
-        model = models.get_model(spec.model, dtype=jnp.dtype(spec.dtype))
+        model = models.get_model(spec.model, spec.depthwise, dtype=jnp.dtype(spec.dtype))
         self.tx = optim.make_optimizer(spec.total_steps, spec.warmup_steps, spec.momentum,
                                        spec.nesterov, spec.decay_bn_and_bias)
         self.apply_fn = model.apply

@@ -66,16 +66,22 @@ def validate(config, trials: Sequence[Trial]) -> None:
             "each model's selected configuration. Leave it False (as configs/grid.py sets it).")
     # The twin runs on one device; asking JAX for its devices would start its GPU backend.
     devices = 1 if config.framework == "torch" else jax.device_count()
-    errors = {}
+    _check_each(config, trials, lambda c: config_checks.validate_config(c, devices))
+
+
+def _check_each(config, trials: Sequence[Trial], check) -> None:
+    """Runs `check` on every trial's config; one error that says each problem once, with the
+    trials it concerns, before any trial runs."""
+    errors: Dict[str, List[str]] = {}
     for t in trials:
         try:
-            config_checks.validate_config(trials_lib.trial_config(config, t), devices)
+            check(trials_lib.trial_config(config, t))
         except config_checks.ConfigError as e:
             errors.setdefault(str(e), []).append(t.name)
     if errors:
         raise config_checks.ConfigError("\n".join(
-            f"{msg}\n  (trials: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
-            for msg, names in errors.items()))
+            f"{msg}\n  ({len(names)} of {len(trials)} trials: {', '.join(names[:3])}"
+            f"{' ...' if len(names) > 3 else ''})" for msg, names in errors.items()))
 
 
 def _check_default_trial(name: str) -> None:
@@ -97,9 +103,13 @@ class _Runner:
         self.config, self.workdir, self.dataset, self.engine = config, workdir, dataset, engine
         self.failed: List[Trial] = []
         self.skipped: List[Trial] = []  # locked by a process on another host
+        self.busy: List[Trial] = []  # locked by another process when this one came to them
         self.done = 0
         self.durations: List[float] = []
         self._specs: Dict[Trial, Any] = {}
+        self.queue: List[Trial] = []  # claimed by no process yet (as far as this one knows)
+        self.speed: Dict[str, float] = {}  # model -> a pack's measured steps/s
+        self.repeats_to_come = bool(trials_lib.repeat_seeds(config))  # until they are queued
 
     def directory(self, trial: Trial) -> str:
         return os.path.join(self.workdir, trial.relpath)
@@ -108,7 +118,8 @@ class _Runner:
         """What a trial must share with its pack-mates (computed once per trial)."""
         if trial not in self._specs:
             self._specs[trial] = engine_lib.static_spec(
-                trials_lib.trial_config(self.config, trial), len(self.dataset.train))
+                trials_lib.trial_config(self.config, trial), len(self.dataset.train),
+                largest_eval=self.dataset.largest_eval)
         return self._specs[trial]
 
     def claim_pack(self, queue: List[Trial]) -> List[tuple]:
@@ -132,6 +143,7 @@ class _Runner:
             if lock is None:
                 logging.info("Grid: %s/%s is being run by another process; skipping it.",
                              trial.model, trial.name)
+                self.busy.append(trial)
                 continue
             status = trials_lib.trial_status(self.workdir, trial)
             if status in ("completed", "diverged", "mismatched", "unreadable"):
@@ -200,7 +212,39 @@ class _Runner:
             return [torch_train.train_locked(c, self.directory(t), self.dataset)
                     for c, t in zip(configs, pack)]
         return train.train_pack(configs, [self.directory(t) for t in pack], self.dataset,
-                                self.engine)
+                                self.engine, outlook=self._outlook(pack[0]))
+
+    def _outlook(self, current: Trial):
+        """The progress line's projection of this process's time left in the grid: the
+        remaining steps of the current pack, of each queued trial and of the seeds
+        grid.repeat_selected_seeds will add, each at its model's measured speed (the model's
+        compile is in its first measurement); models not started yet are named, not guessed."""
+        def describe(steps_per_sec: float, steps_left: int) -> str:
+            first = current.model not in self.speed
+            self.speed[current.model] = steps_per_sec
+            seconds, unmeasured = steps_left / steps_per_sec, set()
+            for model, steps in self._work_left(current):
+                if model in self.speed:
+                    seconds += steps / self.speed[model] / pack_size(self.config, model)
+                else:
+                    unmeasured.add(model)
+            text = f"grid: about {metric_writing.format_duration(seconds)} left" + (
+                f" + {', '.join(sorted(unmeasured))} (not started yet)" if unmeasured else "")
+            if first:
+                logging.info("Grid: %s trains at %.2f steps/s; projected time left for this "
+                             "process: %s.", current.model, steps_per_sec, text[len("grid: "):])
+            return text
+        return describe
+
+    def _work_left(self, current: Trial) -> List[tuple]:
+        """(model, steps) of each trial still to train after the current pack."""
+        work = [(t.model, self._spec(t).total_steps - (
+            workdir_lib.latest_step_on_disk(self.directory(t)) or 0)) for t in self.queue]
+        if self.repeats_to_come:  # the selected configuration costs what any trial costs
+            models = {t.model: t for t in [current] + self.queue}
+            work += [(m, self._spec(t).total_steps) for m, t in models.items()
+                     for _ in trials_lib.repeat_seeds(self.config)]
+        return work
 
     def _fail(self, pack: Sequence[Trial], error: str, write: bool = True) -> None:
         self.failed.extend(pack)
@@ -274,6 +318,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
     workdir_lib.write_json_atomic(os.path.join(workdir, "grid_config.json"), config.to_dict())
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.data)
+    _check_each(config, all_trials, lambda c: config_checks.check_run_shape(c, dataset))
     engine = engine or engine_lib.Engine()
     runner = _Runner(config, workdir, dataset, engine)
 
@@ -295,11 +340,14 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
     rows = report.write_report(workdir, config, dataset=dataset, engine=engine)["rows"]
     # Trials that will not complete by rerunning alone (diverged, failed, damaged, or held
     # by a process this host cannot check) make the exit status 1, in every process.
+    # Trials that no live process is taking to the end (diverged, failed, damaged, abandoned by
+    # a process that died, or held by a process this host cannot check) make the exit status
+    # 1, in every process.
     stuck = [f"{r['model']}/{r['name']} ({r['status']})" for r in rows
-             if r["status"] in ("diverged", "failed", "mismatched", "unreadable")]
+             if r["status"] not in ("completed", "running")]
     stuck += [f"{t.model}/{t.name} (held by another host)" for t in runner.skipped]
     if stuck:
-        logging.warning("Grid: %d trials did not complete: %s", len(stuck),
+        logging.warning("Grid: not every trial completed: %d did not: %s", len(stuck),
                         ", ".join(stuck[:10]) + (" ..." if len(stuck) > 10 else ""))
     return not runner.failed and not stuck
 
@@ -312,6 +360,7 @@ def _run_repeats(runner: _Runner, config, workdir: str, mine: Sequence[Trial]) -
     if waiting:
         logging.info("Grid: the repeats of the selected configuration of %s wait until its "
                      "grid has finished; run this command again then.", ", ".join(waiting))
+    runner.repeats_to_come = False
     repeats = [t for t in report.repeat_trials(config, best)
                if trials_lib.trial_status(workdir, t) not in ("completed", "diverged")]
     if repeats:
@@ -321,6 +370,21 @@ def _run_repeats(runner: _Runner, config, workdir: str, mine: Sequence[Trial]) -
 
 
 def _work_through(runner: _Runner, queue: List[Trial], config) -> None:
+    """Claims and runs the trials of `queue`, then takes over, once, each trial that another
+    process held when this one came to it and has since abandoned (its process died: the lock
+    is free, the trial unfinished)."""
+    _claim_and_run(runner, queue, config)
+    abandoned = [t for t in runner.busy if trials_lib.trial_status(runner.workdir, t) in (
+        "interrupted", "preempted", "pending")]
+    runner.busy = []
+    if abandoned and not (runner.failed and config.grid.fail_fast):
+        logging.warning("Grid: taking over %d trials that another process started and left "
+                        "unfinished: %s", len(abandoned), ", ".join(t.name for t in abandoned))
+        _claim_and_run(runner, abandoned, config)
+
+
+def _claim_and_run(runner: _Runner, queue: List[Trial], config) -> None:
+    runner.queue = queue
     while queue:
         claimed = runner.claim_pack(queue)
         if not claimed:

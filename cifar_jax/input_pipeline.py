@@ -52,6 +52,11 @@ class Dataset:
     test: Split
     source: str
 
+    @property
+    def largest_eval(self) -> int:
+        """The size of the largest evaluation split (validation or test)."""
+        return max(len(self.test), len(self.val) if self.val else 0)
+
 
 def parse_source(source: str) -> Tuple[str, Optional[str]]:
     """'folder:/a/b' -> ('folder', '/a/b'); 'tfds' -> ('tfds', None)."""
@@ -71,17 +76,29 @@ def parse_source(source: str) -> Tuple[str, Optional[str]]:
 
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickling runs code named by the file; this admits only what CIFAR batches hold
-    (dicts, lists, bytes, numbers and numpy arrays)."""
+    (dicts, lists, bytes, numbers, numpy arrays and numpy integer scalars, as
+    `pickle.dump(list(labels))` writes labels)."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
                ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct")}
+    SCALARS = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
+        if (module, name) in self.SCALARS:
+            return _integer_scalar
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch "
-                                         "holds only arrays, lists and bytes")
+                                         "holds only arrays, lists, bytes and integers")
         return super().find_class(module, name)
+
+
+def _integer_scalar(dtype, data):
+    """numpy's scalar reconstructor, for integer scalars only (as safe as Python ints)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "iu" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"refusing a numpy scalar of dtype {dtype}: a CIFAR-10 "
+                                     "batch holds only integer scalars")
+    return np.frombuffer(data, dtype, count=1)[0]
 
 
 def _read_cifar_batch(file: str) -> Split:
@@ -149,13 +166,16 @@ class _TreeReader:
         self.path = path
         self._tar = None
         if os.path.isdir(path):
-            self.files = []
-            for root, _, names in os.walk(path, followlinks=True):  # class folders may be links
+            self.files, self.dirs = [], []
+            for root, dirs, names in os.walk(path, followlinks=True):  # class folders may be links
                 rel = os.path.relpath(root, path)
                 self.files += [os.path.normpath(os.path.join(rel, n)) for n in names]
+                self.dirs += [os.path.normpath(os.path.join(rel, d)) for d in dirs]
         else:
             self._open_tar(path)
-        self.files = [f for f in self.files if not any(_is_junk(p) for p in f.split(os.sep))]
+        keep = lambda f: not any(_is_junk(p) for p in f.split(os.sep))  # noqa: E731
+        self.files = [f for f in self.files if keep(f)]
+        self.dirs = [d for d in self.dirs if keep(d)]
         # Tolerate one wrapping top-level folder (e.g. cifar10/train/...).
         self.prefix = ""
         tops = {f.split(os.sep)[0] for f in self.files}
@@ -165,8 +185,9 @@ class _TreeReader:
     def _open_tar(self, path: str) -> None:
         try:
             self._tar = tarfile.open(path, "r:*")
-            self._members = {os.path.normpath(m.name): m for m in self._tar.getmembers()
-                             if m.isfile()}
+            members = self._tar.getmembers()
+            self._members = {os.path.normpath(m.name): m for m in members if m.isfile()}
+            self.dirs = [os.path.normpath(m.name) for m in members if m.isdir()]
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise DataError(f"folder: {path!r} is neither a directory nor a readable tar "
                             f"archive ({type(e).__name__}: {e}). If it is a truncated download, "
@@ -174,8 +195,13 @@ class _TreeReader:
         self.files = list(self._members)
 
     def tree(self) -> Dict[str, Dict[str, List[str]]]:
-        """{split: {class: [relative file names, sorted]}} for image files under the prefix."""
+        """{split: {class: [relative file names, sorted]}} for image files under the prefix;
+        a class folder without images has an empty list."""
         out: Dict[str, Dict[str, List[str]]] = {}
+        for d in self.dirs + [os.path.dirname(f) for f in self.files]:
+            parts = d[len(self.prefix):].split(os.sep) if d.startswith(self.prefix) else []
+            if len(parts) == 2:
+                out.setdefault(parts[0], {}).setdefault(parts[1], [])
         for f in self.files:
             if not f.startswith(self.prefix):
                 continue
@@ -236,6 +262,13 @@ def load_folder(path: str) -> Tuple[Split, Split]:
             f"folder: {path!r} has the wrong layout: found {reader.describe()}, image splits "
             f"{sorted(tree) or 'none'}. Expected train/<class>/*.png|jpg and "
             "test/<class>/*.png|jpg (optionally inside one top-level folder).")
+    empty = [f"{split}/{c}" for split in ("train", "test") for c, names in
+             sorted(tree[split].items()) if not names]
+    if empty:
+        raise DataError(f"folder: {path!r}: the class folder{'s' if len(empty) > 1 else ''} "
+                        f"{', '.join(empty)} hold{'' if len(empty) > 1 else 's'} no images "
+                        f"({'/'.join(s.lstrip('.').upper() for s in _IMAGE_SUFFIXES)} files). "
+                        "Every class needs images in train/ and in test/.")
     classes = sorted(tree["train"])
     if len(classes) != NUM_CLASSES or sorted(tree["test"]) != classes:
         raise DataError(

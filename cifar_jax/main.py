@@ -92,7 +92,8 @@ def main(argv):
             return
         enable_compilation_cache(config.compilation_cache_dir)
         if not grid.run_grid(config, FLAGS.workdir, *_shard_flags()):
-            logging.error("Some trials failed or diverged; see %s/results.csv.", FLAGS.workdir)
+            logging.error("Not every trial completed (failed, diverged or left unfinished); "
+                          "see %s/results.csv.", FLAGS.workdir)
             raise SystemExit(1)
         return
     if FLAGS.dry_run:

@@ -171,7 +171,7 @@ def _evaluate_test(workdir: str, config, row, dataset, engine) -> float:
         t = torch_train.evaluate_checkpoint(tc, directory, dataset.test)
     else:
         from cifar_jax import train
-        t = train.evaluate_checkpoint(tc, directory, dataset.test, engine, len(dataset.train))
+        t = train.evaluate_checkpoint(tc, directory, dataset.test, engine, dataset)
     result.update(selected=True, test_accuracy=t["accuracy"], test_loss=t["loss"])
     workdir_lib.write_result(directory, result)
     writer = metric_writing.create_writer(directory)
@@ -343,7 +343,7 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
     """Writes results.csv, summary.md and plots/ for whatever has finished in `workdir`."""
     from cifar_jax import plots
 
-    lock = workdir_lib.RunLock(workdir, "report.lock")
+    lock = workdir_lib.RunLock(workdir, "report.lock", guard_directory=False)
     lock.try_acquire(blocking=True)  # one report at a time; the next one sees its results
     try:
         rows = collect(workdir, trials_lib.expand(config))

@@ -125,19 +125,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
                dataset: Optional[input_pipeline.Dataset] = None,
                engine: Optional[engine_lib.Engine] = None,
-               stop_requested: Optional[Callable[[int], bool]] = None) -> List[Dict[str, Any]]:
+               stop_requested: Optional[Callable[[int], bool]] = None,
+               outlook: Optional[Callable[[float, int], str]] = None) -> List[Dict[str, Any]]:
     """Trains K trials of one model together; returns their results (in order).
 
     The caller holds each workdir's lock. Every config must be valid (validate_config) and
     share one static structure (engine.StaticSpec); they may differ in everything the engine
     takes as data. A trial that diverges is recorded and frozen while the others go on.
+    `outlook(steps_per_sec, steps_left)`, once the pack's speed is measured, gives text for the
+    progress line (the grid's projected time left).
     """
     members = [Member(c, os.path.abspath(w)) for c, w in zip(configs, workdirs)]
     pack = _prepare(members, dataset, engine or engine_lib.Engine())
     if pack is not None:
         try:
             with SignalFlag() as signals:
-                _train(pack, signals, stop_requested)
+                _train(pack, signals, stop_requested, outlook)
                 signals.finishing = True
                 _finish(pack)
             signals.stop_if_received()
@@ -172,8 +175,8 @@ def _check_pack(members: List[Member], dataset) -> engine_lib.StaticSpec:
     num_train = len(dataset.train)
     for m in members:
         config_checks.check_run_shape(m.config, dataset)
-    specs = {engine_lib.static_spec(m.config, num_train, len(members), jax.device_count())
-             for m in members}
+    specs = {engine_lib.static_spec(m.config, num_train, len(members), jax.device_count(),
+                                    dataset.largest_eval) for m in members}
     pack_level = {(m.config.log_every_steps, m.config.evaluate_test) for m in members}
     if len(specs) != 1 or len(pack_level) != 1:
         raise config_checks.ConfigError(
@@ -193,6 +196,11 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.data)
     programs = engine.programs(_check_pack(running, dataset))
+    if programs.spec.eval_batch_size != config.eval_batch_size:
+        logging.info("config.eval_batch_size=%d is larger than the largest evaluation split "
+                     "(%d images): evaluating in batches of %d instead (evaluation pads and "
+                     "masks, so the result is the same).", config.eval_batch_size,
+                     dataset.largest_eval, programs.spec.eval_batch_size)
     abstract = jax.eval_shape(lambda: programs.init_state(config))
     try:
         for m in running:
@@ -213,7 +221,7 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
                     progress=programs.to_device(progress), step=step, dataset=dataset,
                     images=programs.to_device(dataset.train.images),
                     labels=programs.to_device(dataset.train.labels),
-                    eval_data=engine_lib.put_eval_splits(splits, config.eval_batch_size,
+                    eval_data=engine_lib.put_eval_splits(splits, programs.spec.eval_batch_size,
                                                          programs),
                     abstract=abstract)
     except BaseException:
@@ -344,19 +352,20 @@ class SignalFlag:
                             "had finished: the results are written, nothing is left to resume.")
 
 
-def _train(pack: Pack, signals: "SignalFlag",
-           stop_requested: Optional[Callable[[int], bool]]) -> None:
+def _train(pack: Pack, signals: "SignalFlag", stop_requested: Optional[Callable[[int], bool]],
+           outlook: Optional[Callable[[float, int], str]]) -> None:
     spec, programs = pack.spec, pack.programs
-    eta = metric_writing.Eta(spec.total_steps, pack.step)
+    eta = metric_writing.Eta(spec.total_steps, pack.step, outlook)
     every = pack.members[0].config.log_every_steps
     stop = lambda: signals.received is not None or bool(  # noqa: E731
         stop_requested and stop_requested(pack.step))
+    start = pack.step
     for epoch in range(pack.step // spec.steps_per_epoch, spec.num_epochs):
         perms = programs.permutations(pack.states, epoch)
         end = (epoch + 1) * spec.steps_per_epoch
         t0, first = time.perf_counter(), pack.step
         while pack.step < end:
-            n = min(end, (pack.step // every + 1) * every) - pack.step
+            n = chunk_steps(pack.step, start, end, every)
             pack.states, pack.progress = programs.train_chunk(
                 pack.states, pack.progress, pack.images, pack.labels, perms, n)
             pack.step += n
@@ -371,6 +380,15 @@ def _train(pack: Pack, signals: "SignalFlag",
             return
         if epoch + 1 < spec.num_epochs and stop():
             _preempt(pack, signals, epoch + 1)
+
+
+def chunk_steps(step: int, start: int, end: int, every: int) -> int:
+    """Steps in the next chunk: up to the next multiple of `every` (or `end`, the epoch's last
+    step), except that the first chunks after `start` ramp up, 1, 2, 4, 8, ... steps: the first
+    progress line then comes one step (and the compile) after the start, whatever the device's
+    speed, and the second one already measures it. The chunking never changes the result."""
+    boundary = min(end, (step // every + 1) * every)
+    return min(boundary - step, step - start + 1)
 
 
 def _learning_rate(member: Member, spec, step: int) -> float:
@@ -607,15 +625,16 @@ def _close(pack: Pack) -> None:
 
 def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split,
                         engine: Optional[engine_lib.Engine] = None,
-                        num_train: Optional[int] = None) -> Dict[str, float]:
+                        dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, float]:
     """Loss and accuracy on `split` of a run's best weights (its best epoch).
 
-    `num_train` (the run's training-set size) lets `engine` reuse the run's own compiled
-    evaluation; any value evaluates correctly.
+    `dataset` (the run's data set) lets `engine` reuse the run's own compiled evaluation; any
+    `split` evaluates correctly without it.
     """
     engine = engine or engine_lib.Engine()
-    programs = engine.programs(engine_lib.static_spec(config, num_train or len(split), 1,
-                                                      jax.device_count()))
+    programs = engine.programs(engine_lib.static_spec(
+        config, len(dataset.train) if dataset else len(split), 1, jax.device_count(),
+        dataset.largest_eval if dataset else len(split)))
     state = jax.device_get(programs.init_state(config))
     ckpts = Checkpoints(workdir, config.checkpoint_max_to_keep)
     try:
@@ -631,6 +650,6 @@ def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split,
     finally:
         ckpts.close()
     state = flax.serialization.from_state_dict(state, {**state_dict, **weights})
-    data = engine_lib.put_eval_splits({"split": split}, config.eval_batch_size, programs)
+    data = engine_lib.put_eval_splits({"split": split}, programs.spec.eval_batch_size, programs)
     return engine_lib.evaluate(programs, programs.to_device(engine_lib.stack([state])), data,
                                "split")[0]

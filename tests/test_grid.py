@@ -66,7 +66,7 @@ def test_dry_run_lists_the_default_grid():
                            "--config.grid.per_model.resnet18.weight_decay=nan"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "config.weight_decay=nan" in proc.stderr
-    assert "(trials: sgd_lr0.001_wdnan_basic" in proc.stderr
+    assert "(16 of 64 trials: sgd_lr0.001_wdnan_basic" in proc.stderr
 
 
 def test_trial_names_and_overrides():
@@ -304,6 +304,39 @@ def test_two_processes_share_one_grid_workdir(tmp_path):
     for r in rows:  # one training per trial: one line per epoch
         with open(tmp_path / "trials" / "alexnet" / r["name"] / "metrics.jsonl") as f:
             assert len(f.readlines()) == 1
+
+
+def test_survivors_take_over_an_abandoned_trial_or_exit_1(tmp_path, monkeypatch, caplog):
+    """Another process holds a trial when this one comes to it, then dies mid-trial (its lock
+    is free, the trial interrupted): this process takes the trial over before it finishes.
+    Where it cannot (the lock is still taken, yet nobody is running the trial), the grid
+    says not every trial completed and returns False (exit 1), never True."""
+    c = _grid_config(models="alexnet", learning_rate="0.001,0.01")
+    held = trials.expand(c)[0]
+    held_dir = tmp_path / held.relpath
+    held_dir.mkdir(parents=True)
+    workdir_lib.store_config(trials.trial_config(c, held), str(held_dir))  # started
+    other = workdir_lib.RunLock(str(held_dir)).acquire()  # "another process" holds it
+    real_train_pack = train.train_pack
+
+    def other_dies(*args, **kwargs):
+        other.release()  # the other process dies while this one trains the second trial
+        return real_train_pack(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_pack", other_dies)
+    assert grid.run_grid(c, str(tmp_path))
+    assert "taking over 1 trials that another process started and left unfinished" in caplog.text
+    assert [r["status"] for r in _rows(tmp_path)] == ["completed", "completed"]
+
+    monkeypatch.undo()
+    c.grid.learning_rate = "0.001,0.01,0.1"
+    third = trials.expand(c)[2]
+    (tmp_path / third.relpath).mkdir(parents=True)
+    workdir_lib.store_config(trials.trial_config(c, third), str(tmp_path / third.relpath))
+    with workdir_lib.RunLock(str(tmp_path / third.relpath)):  # not a live process's run
+        assert not grid.run_grid(c, str(tmp_path))
+    assert "Grid: not every trial completed: 1 did not: alexnet/adam_lr0.1_wd1e-4_basic_do0.5 " \
+           "(interrupted)" in caplog.text
 
 
 def test_report_cli_aggregates_a_workdir(tmp_path):

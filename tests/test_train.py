@@ -22,6 +22,9 @@ def _read_jsonl(path):
 
 def test_short_run_learns_and_writes_outputs(tiny_config, tmp_path):
     tiny_config.num_epochs = 3
+    # At 0.001 this run ends near 20-30% test accuracy depending on the CPU's float rounding
+    # (different vector units); 0.0005 learns steadily (33% test, 36% val on a 2-core AVX2 CPU).
+    tiny_config.learning_rate = 0.0005
     result = train.train_and_evaluate(tiny_config, str(tmp_path))
     assert result["status"] == "completed"
     assert result["test_accuracy"] >= 0.25  # chance is 0.1
@@ -47,7 +50,7 @@ def test_short_run_learns_and_writes_outputs(tiny_config, tmp_path):
     # A result-changing config change is refused, naming the field; one the checkpoints cannot
     # follow is refused even with allow_config_change.
     tiny_config.learning_rate = 0.01
-    with pytest.raises(config_checks.ConfigError, match="learning_rate: stored 0.001, now 0.01"):
+    with pytest.raises(config_checks.ConfigError, match="learning_rate: stored 0.0005, now 0.01"):
         train.train_and_evaluate(tiny_config, str(tmp_path))
     tiny_config.allow_config_change = True
     tiny_config.batch_size = 16
@@ -173,22 +176,27 @@ def test_setting_without_effect_is_refused(tiny_config):
         config_checks.validate_config(tiny_config, num_devices=1)
 
 
-def test_data_dependent_checks_write_nothing(tiny_config, tmp_path):
-    """A run refused for a data-dependent reason leaves nothing behind that blocks the fix."""
+def test_data_dependent_checks_write_nothing(tiny_config, tmp_path, caplog):
+    """A run refused for a data-dependent reason leaves nothing behind that blocks the fix. An
+    evaluation batch larger than every split only costs speed: it adapts, with an info line."""
+    caplog.set_level("INFO")
     tiny_config.batch_size = 512  # more than the 260 training images
     with pytest.raises(config_checks.ConfigError, match="batch_size=512 is larger than the 260"):
         train.train_and_evaluate(tiny_config, str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")
     assert not os.path.exists(tmp_path / "checkpoints")
     tiny_config.batch_size = 32
-    tiny_config.eval_batch_size = 10**8  # would pad the evaluation arrays to 10^8 images
-    with pytest.raises(config_checks.ConfigError, match="eval_batch_size=100000000 is larger "
-                                                        "than the largest evaluation split"):
-        train.train_and_evaluate(tiny_config, str(tmp_path))
-    assert not os.path.exists(tmp_path / "config.json")
-    tiny_config.eval_batch_size = 64
     tiny_config.num_epochs = 1
-    assert train.train_and_evaluate(tiny_config, str(tmp_path))["status"] == "completed"
+    tiny_config.eval_batch_size = 10**8  # would pad the evaluation arrays to 10^8 images
+    result = train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert result["status"] == "completed"
+    assert ("config.eval_batch_size=100000000 is larger than the largest evaluation split (100 "
+            "images): evaluating in batches of 100 instead") in caplog.text
+    tiny_config.eval_batch_size = 30  # four batches, the last one padded: the same figures
+    again = train.evaluate_checkpoint(tiny_config, str(tmp_path),
+                                      input_pipeline.load_dataset(tiny_config.data).test)
+    assert again["accuracy"] == result["test_accuracy"]
+    assert again["loss"] == pytest.approx(result["test_loss"], rel=1e-5)
 
 
 def test_invalid_augmentation_and_device_divisibility(tiny_config):
@@ -211,7 +219,8 @@ def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(train.workdir_lib.WorkdirError,
-                       match=r"Cannot write in .*/file/run: Not a directory \(.* free\)"):
+                       match=r"Cannot write in .*/file/run: Not a directory\. .*: a part of "
+                             r"the path is a file, not a directory"):
         train.train_and_evaluate(tiny_config, str(blocker / "run"))
 
 
