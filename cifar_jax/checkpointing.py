@@ -103,6 +103,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
         self._last_size = 0
+        self._failed = False  # a write failed: the run stops; nothing more to wait for
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class Checkpoints:
             raise self._write_error(e) from e
 
     def _write_error(self, error: BaseException) -> workdir_lib.WriteError:
+        self._failed = True
         return workdir_lib.write_error(self.directory, error, self._last_size,
                                        "save a checkpoint")
 
@@ -242,7 +244,13 @@ class Checkpoints:
             self.manager.delete(step)
 
     def close(self) -> None:
+        """Waits for the last save and closes the manager; after a failed write, neither (the
+        failure was raised once, and orbax's threads may take long to give up on a broken
+        file system): the process is on its way out."""
+        if self._failed:
+            return
         try:
             self.wait()
         finally:
-            self.manager.close()
+            if not self._failed:
+                self.manager.close()

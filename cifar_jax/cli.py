@@ -18,6 +18,8 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from cifar_jax import native
+
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
 
@@ -106,26 +108,43 @@ _EXPECTED_WARNINGS = ("did not provide metrics", "has no dataset_info.json",
                       "Task exception was never retrieved")
 
 
-# A failed write, which orbax logs with tracebacks from each of its threads before the save
-# raises; the run then reports it once, with the workdir, the free space and what to do.
-_WRITE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied",
-                   "Disk quota exceeded")
-
-
 class _QuietLibraries(py_logging.Filter):
     def filter(self, record):
         path = record.pathname
         if record.levelno >= py_logging.WARNING:
-            text = record.getMessage()
-            if "orbax" in path and record.exc_info:
-                text += str(record.exc_info[1])
-            return not any(t in text for t in _EXPECTED_WARNINGS) and not (
-                "orbax" in path and any(t in text for t in _WRITE_FAILURES))
+            if "orbax" in path and _os_failure(record):
+                return False  # the run reports the failed write once, with what to do
+            return not any(t in record.getMessage() for t in _EXPECTED_WARNINGS)
         return "orbax" not in path and "xla_bridge" not in path
+
+
+def _os_failure(record) -> bool:
+    """Whether a log record is about an OS error (a failed write or read, of any kind), as
+    orbax logs it from each of its threads before the call that failed raises."""
+    from cifar_jax import workdir
+
+    error = record.exc_info[1] if record.exc_info else None
+    return (error is not None and workdir.os_error_of(error)[0] is not None) or bool(
+        workdir.os_error_of(RuntimeError(record.getMessage()))[0] is not None
+        or "[Errno " in record.getMessage())
 
 
 def quiet_library_logs() -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if not isinstance(sys.stderr, native.TracebackFilter):
+        sys.stderr = native.TracebackFilter(sys.stderr, ("RuntimeError: Event loop is closed",))
+
+
+def _exit_now_if_write_failed(error: BaseException, code: int) -> None:
+    """After a failed write, exits at once: what was written before is intact (the error says
+    so), and waiting for a storage library's background threads to give up on a broken file
+    system (at interpreter shutdown) can take minutes."""
+    from cifar_jax import workdir
+
+    if isinstance(error, workdir.WriteError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def run(main: Callable) -> None:
@@ -152,6 +171,7 @@ def run(main: Callable) -> None:
                 if isinstance(e, kinds):
                     if show:
                         print(str(e) if code == 143 else f"error: {e}", file=sys.stderr)
+                    _exit_now_if_write_failed(e, code)
                     sys.exit(code)
             raise
 

@@ -4,8 +4,10 @@ read (tracebacks of callbacks into orbax's closed event loop). The one place tha
 TensorFlow's runtime, too (used by the tfds data source)."""
 
 import contextlib
+import io
 import os
 import sys
+from typing import Sequence
 
 from absl import logging
 
@@ -54,3 +56,50 @@ def hide_gpus_from_tensorflow() -> bool:
     except RuntimeError as e:  # raised once TF has initialised its devices; harmless then
         logging.debug("TensorFlow devices already initialised: %s", e)
     return True
+
+
+class TracebackFilter(io.TextIOBase):
+    """A text stream (sys.stderr) that drops whole Python tracebacks whose last line is one of
+    `noise`, and passes everything else through as it comes.
+
+    tensorstore prints a traceback for each of its callbacks that finds orbax's event loop
+    closed, after a failed checkpoint write or read: dozens of them, none telling more than the
+    one error line the run prints itself.
+    """
+
+    HEADER = "Traceback (most recent call last):"
+
+    def __init__(self, stream, noise: Sequence[str]):
+        super().__init__()
+        self.stream = stream
+        self._noise = set(noise)
+        self._held = None  # the text of a traceback in progress
+
+    def write(self, text: str) -> int:
+        if self._held is None and not text.startswith(self.HEADER):
+            return self.stream.write(text)
+        self._held = (self._held or "") + text
+        lines = self._held.split("\n")
+        for i, line in enumerate(lines[1:-1], 1):  # complete lines after the header
+            if line and not line[0].isspace():  # the exception line ends the traceback
+                block, rest = "\n".join(lines[:i + 1]) + "\n", "\n".join(lines[i + 1:])
+                self._held = None
+                if line.strip() not in self._noise:
+                    self.stream.write(block)
+                if rest:
+                    self.write(rest)
+                break
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")

@@ -19,7 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
 
@@ -203,19 +203,63 @@ def ensure_writable(directory: str, needed_bytes: int = 0, what: str = "write") 
                           needed_bytes, what)
 
 
+# Advice that fits the cause of a failed write, by errno.
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free space there",
+    errno.EDQUOT: "raise the disk quota or free space there",
+    errno.EACCES: "make it writable for this user (or use another --workdir)",
+    errno.EPERM: "make it writable (check its permissions and attributes, e.g. lsattr), or use "
+                 "another --workdir",
+    errno.EROFS: "remount the file system read-write (or use another --workdir)",
+    errno.ENAMETOOLONG: "use a shorter --workdir (a new workdir starts afresh)",
+    errno.EIO: "check the disk (an I/O error can mean failing hardware)",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: give another --workdir (or "
+                   "move the file away)",
+}
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+# How tensorstore (orbax's storage layer) reports the OS error under a failed write.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+_TENSORSTORE_PATH = re.compile(r'(?:Failed writing|local file|Error opening file): "([^"]+)"')
+
+
+def os_error_of(error: BaseException) -> Tuple[Optional[int], str, Optional[str]]:
+    """(errno, its text, path) of the OS error under `error`: an OSError in its chain of
+    causes, or the code that tensorstore writes into its messages; errno None when there is
+    none (the text is then the error's first line)."""
+    first = error
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error.errno, error.strerror or os.strerror(error.errno), error.filename
+        code = _TENSORSTORE_ERRNO.search(str(error))
+        if code:
+            path = _TENSORSTORE_PATH.search(str(error))
+            return int(code.group(1)), os.strerror(int(code.group(1))), (
+                path.group(1) if path else None)
+        error = error.__cause__ or error.__context__
+    text = (str(first).strip().splitlines() or [type(first).__name__])[0]
+    return None, text if len(text) <= 200 else text[:200] + "...", None
+
+
 def write_error(directory: str, error: BaseException, needed_bytes: int = 0,
                 what: str = "write") -> WriteError:
-    """The one message for a failed write: where, why, free space, size needed, what next."""
-    try:
-        free = format_bytes(shutil.disk_usage(directory).free)
-    except OSError:
-        free = "unknown"
-    reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [""])[0]
-    reason = reason if len(reason) <= 200 else reason[:200] + "..."
-    need = f", {format_bytes(needed_bytes)} needed" if needed_bytes else ""
-    return WriteError(
-        f"Cannot {what} in {directory}: {reason} ({free} free{need}). Everything written before "
-        "is intact: free space or fix permissions there, then run the same command to resume.")
+    """The one message for a failed write: where, the OS error as it is, advice that fits it
+    (and for a lack of space, the free space and the size needed)."""
+    code, reason, path = os_error_of(error)
+    details = [path] if path and path != directory else []
+    if code in _SPACE_ERRORS or code is None:
+        try:
+            free = format_bytes(shutil.disk_usage(directory).free)
+        except OSError:
+            free = "unknown"
+        details.append(f"{free} free" + (f", {format_bytes(needed_bytes)} needed"
+                                         if needed_bytes else ""))
+    if details:
+        reason += f" ({'; '.join(details)})"
+    advice = _WRITE_ADVICE.get(code, "fix the cause")
+    return WriteError(f"Cannot {what} in {directory}: {reason}. Everything written before is "
+                      f"intact: {advice}, then run the same command to resume.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,17 +278,22 @@ def _process_alive(pid: int) -> bool:
 
 class RunLock:
     """One live process owns a directory: an exclusive `flock` on `<directory>/<name>`, whose
-    content says who holds it (host, pid, start time).
+    content says who holds it (host, pid, start time), and (`guard_directory`) one on the
+    directory itself, which whatever happens to the files in it cannot undo: a second process
+    is refused even after the lock file was deleted or replaced. (A file system without
+    directory locks, such as some network ones, has the file lock alone.)
 
-    The kernel drops the flock when its process dies (even by kill -9), so a lock file left
+    The kernel drops the flocks when their process dies (even by kill -9), so a lock file left
     behind by a dead process on this host is taken over, with a log line. A file left by a
     process on another host is not: that process cannot be proven gone from here.
     """
 
-    def __init__(self, directory: str, name: str = "run.lock"):
+    def __init__(self, directory: str, name: str = "run.lock", guard_directory: bool = True):
         self.directory = directory
         self.path = os.path.join(directory, name)
+        self.guard_directory = guard_directory
         self._fd: Optional[int] = None
+        self._dir_fd: Optional[int] = None
 
     @property
     def held(self) -> bool:
@@ -253,7 +302,7 @@ class RunLock:
     def holder(self) -> str:
         info = self._read_info(self.path)
         if not info:
-            return "another process (it has not written its details yet)"
+            return "another process (it has not written its details, or its lock file is gone)"
         return (f"process {info.get('pid')} on host {info.get('host')}, running since "
                 f"{info.get('started', '?')}")
 
@@ -270,30 +319,19 @@ class RunLock:
         """Takes the lock; False when a live process holds it (or waits, when blocking)."""
         assert self._fd is None, f"{self.path} is already held by this object"
         os.makedirs(self.directory, exist_ok=True)
-        while True:
-            try:  # never through a link: the lock file is truncated and rewritten
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            except OSError as e:
-                if e.errno != errno.ELOOP:
-                    raise
-                raise WorkdirError(f"{self.path} is a symbolic link; a lock file must be a "
-                                   "plain file. Remove the link and run again.") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            try:  # a releasing holder may have unlinked the file after we opened it
-                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
-                break
-            os.close(fd)
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        if self.guard_directory and not self._lock_directory(flags):
+            return False
         try:
+            fd = self._lock_file(flags)
+            if fd is None:
+                self._unlock_directory()
+                return False
             self._take_over_from(self._read_info(self.path))
-        except WorkdirError:
-            os.close(fd)
+        except BaseException:
+            self._unlock_directory()
+            if "fd" in locals() and fd is not None:
+                os.close(fd)
             raise
         info = {"host": socket.gethostname(), "pid": os.getpid(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -302,6 +340,55 @@ class RunLock:
         os.fsync(fd)
         self._fd = fd
         return True
+
+    def _lock_directory(self, flags: int) -> bool:
+        """The flock on the directory; False when another process holds it."""
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, flags)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:  # no directory locks on this file system: the file lock alone
+            os.close(fd)
+            return True
+        self._dir_fd = fd
+        return True
+
+    def _unlock_directory(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)  # closing the last descriptor drops the flock
+            self._dir_fd = None
+
+    def _lock_file(self, flags: int) -> Optional[int]:
+        """The locked lock file's descriptor; None when another process holds it."""
+        while True:
+            try:  # never through a link: the lock file is truncated and rewritten
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise self._unusable(e) from None
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:  # a releasing holder may have unlinked the file after we opened it
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                return fd
+            os.close(fd)
+
+    def _unusable(self, error: OSError) -> Exception:
+        """The one-line refusal for a lock path that cannot be a lock file."""
+        if error.errno == errno.ELOOP:
+            return WorkdirError(f"{self.path} is a symbolic link; a lock file must be a plain "
+                                "file. Remove the link and run again.")
+        if error.errno == errno.EISDIR or os.path.isdir(self.path):
+            return WorkdirError(f"{self.path} is a directory; a lock file must be a plain file. "
+                                "Move the directory away and run again.")
+        return write_error(self.directory, error, what=f"create the lock file {self.path}")
 
     def _take_over_from(self, previous: Dict[str, Any]) -> None:
         if not previous:
@@ -329,14 +416,27 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Drops the lock and removes its file. Never raises: the flocks end with their
+        descriptors whatever became of the file (deleted, replaced by a directory, on a file
+        system turned read-only), so a file left behind only costs a take-over line."""
         if self._fd is None:
             return
         try:
-            os.unlink(self.path)
+            if os.path.samestat(os.fstat(self._fd), os.lstat(self.path)):
+                os.unlink(self.path)
+            else:
+                logging.warning("%s is no longer the lock file this run created (replaced or "
+                                "moved while it ran); left as it is.", self.path)
         except FileNotFoundError:
             pass
-        os.close(self._fd)
-        self._fd = None
+        except OSError as e:
+            logging.warning("Could not remove the lock file %s (%s); the lock is released, and "
+                            "the next run takes the file over.", self.path,
+                            e.strerror or e)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+            self._unlock_directory()
 
     @classmethod
     def probably_held(cls, directory: str, name: str = "run.lock") -> bool:

@@ -119,6 +119,23 @@ def test_wrong_number_of_classes(tmp_path):
         ip.load_folder(str(tmp_path))
 
 
+@pytest.mark.parametrize("archive", [False, True])
+def test_empty_class_folder_is_named_as_empty(tmp_path, archive):
+    """A class folder that exists but holds no images is named as such (not 'found 9')."""
+    root = tmp_path / "data"
+    _write_tree(str(root), per_class=(1, 1))
+    for f in (root / "train" / "cat").iterdir():
+        f.unlink()
+    (root / "train" / "cat" / "notes.txt").write_text("no images here")
+    source = str(root)
+    if archive:
+        source = str(tmp_path / "data.tar")
+        with tarfile.open(source, "w") as tar:
+            tar.add(root, arcname="data")
+    with pytest.raises(DataError, match=r"the class folder train/cat holds no images \(PNG/JPG/"):
+        ip.load_folder(source)
+
+
 def test_unreadable_image_is_named(tmp_path):
     _write_tree(str(tmp_path), per_class=(1, 1))
     bad = tmp_path / "train" / "dog" / "0000.png"
@@ -251,6 +268,22 @@ def test_cifar_dir_refuses_malformed_batches(cifar_pickle_dir):
             pickle.dump(batch, f)
         with pytest.raises(DataError, match=f"data_batch_3.*{messages[case]}"):
             ip.load_cifar_dir(path)
+
+
+def test_cifar_dir_reads_labels_pickled_as_numpy_integers(cifar_pickle_dir):
+    """`pickle.dump(list(np.arange(n)))` writes numpy integer scalars: read exactly; a numpy
+    scalar of another kind is still refused."""
+    path, expected = cifar_pickle_dir
+    images, labels = expected["data_batch_2"]
+    data = images.transpose(0, 3, 1, 2).reshape(20, -1)
+    with open(os.path.join(path, "data_batch_2"), "wb") as f:
+        pickle.dump({b"data": data, b"labels": list(labels.astype(np.int64))}, f)
+    train, _ = ip.load_cifar_dir(path)
+    np.testing.assert_array_equal(train.labels[20:40], labels)
+    with open(os.path.join(path, "data_batch_2"), "wb") as f:
+        pickle.dump({b"data": data, b"labels": [np.float64(1.0)] * 20}, f)
+    with pytest.raises(DataError, match="data_batch_2.*numpy scalar of dtype float64"):
+        ip.load_cifar_dir(path)
 
 
 class _Evil:

@@ -146,6 +146,43 @@ def test_kill_during_save_keeps_previous_checkpoint(reference_run, tmp_path):
     assert _result(tmp_path) == _result(reference_run)
 
 
+def _immutable(path, on: bool) -> bool:
+    """chattr +i / -i: a directory nobody, root included, can write in (a stand-in for a file
+    system that turns read-only or a permission that is taken away mid-run)."""
+    return subprocess.run(["chattr", "+i" if on else "-i", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_workdir_turned_unwritable_mid_run_ends_at_once_with_the_real_cause(tmp_path):
+    """The checkpoint directory stops taking writes while epoch 1's save is in flight: one
+    error line with the OS error as it is and advice that fits it, no traceback (orbax logs
+    one per thread), no word about the lock, exit 2 within seconds."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if not _immutable(probe, True):
+        pytest.skip("chattr +i is not available here (needs root on ext4 or similar)")
+    _immutable(probe, False)
+    proc = subprocess.Popen(_cli(tmp_path), cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    lines, since = [], None
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if since is None and "] epoch 1/2" in line:  # epoch 1 saves in the background
+                assert _immutable(tmp_path / "checkpoints", True)
+                since = time.time()
+        assert proc.wait(timeout=120) == 2, "".join(lines[-20:])
+        elapsed = time.time() - since
+    finally:
+        _immutable(tmp_path / "checkpoints", False)
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in "".join(lines), "".join(lines[-30:])
+    assert errors[0].startswith(f"error: Cannot save a checkpoint in {tmp_path}/checkpoints: "
+                                "Operation not permitted")
+    assert "make it writable" in errors[0] and "run.lock" not in errors[0]
+    assert elapsed < 30
+
+
 # ----------------------------------------------------------------------------------------------
 # In-process tests on the tiny config (8 steps per epoch).
 

@@ -4,6 +4,7 @@ reported at once with everything before them intact and resumable."""
 import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -42,6 +43,50 @@ def test_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
     (tmp_path / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
     with pytest.raises(WorkdirError, match="host elsewhere.*delete .*run.lock"):
         RunLock(str(tmp_path)).acquire()
+
+
+def test_one_live_owner_whatever_happens_to_the_lock_file(tmp_path, caplog):
+    """The holder's directory lock keeps a second process out after its lock file was deleted
+    or replaced by a directory; the holder then releases with a warning, never an OS error;
+    a lock path that is a directory at start is refused in one line."""
+    first = RunLock(str(tmp_path)).acquire()
+    (tmp_path / "run.lock").unlink()
+    with pytest.raises(WorkdirError, match="is in use by another process"):
+        RunLock(str(tmp_path)).acquire()
+    (tmp_path / "run.lock").mkdir()
+    with pytest.raises(WorkdirError, match="is in use by another process"):
+        RunLock(str(tmp_path)).acquire()
+    first.release()  # no error, at most a warning
+    assert "no longer the lock file this run created" in caplog.text
+    with pytest.raises(WorkdirError, match="run.lock is a directory; a lock file must be a "
+                                           "plain file"):  # at start
+        RunLock(str(tmp_path)).acquire()
+    (tmp_path / "run.lock").rmdir()
+    RunLock(str(tmp_path)).acquire().release()
+
+
+@pytest.mark.parametrize("code,reason,advice", [
+    (errno.ENOSPC, r"No space left on device \(/w/x; 1\.0 MB free, 2\.0 MB needed\)",
+     "free space there"),
+    (errno.EROFS, r"Read-only file system \(/w/x\)", "remount the file system read-write"),
+    (errno.EACCES, r"Permission denied \(/w/x\)", "make it writable for this user"),
+    (errno.ENAMETOOLONG, r"File name too long \(/w/x\)", "use a shorter --workdir"),
+])
+def test_write_errors_name_the_os_error_with_advice_that_fits(monkeypatch, code, reason,
+                                                              advice):
+    """Whatever the cause, and whether an OSError or tensorstore's text carries it."""
+    monkeypatch.setattr(workdir_lib.shutil, "disk_usage",
+                        lambda d: os.statvfs_result  # noqa: E731
+                        and type("U", (), {"free": 1 << 20})())
+    errors = [OSError(code, os.strerror(code), "/w/x"),
+              ValueError(f'RESOURCE_EXHAUSTED: Error writing "a/0" in OCDBT database at local '
+                         f'file "/w/ocdbt/": Failed writing: "/w/x": {os.strerror(code)} '
+                         f"[os_error_code='{code}']")]
+    for error in errors:
+        message = str(workdir_lib.write_error("/w", error, 2 << 20, "save a checkpoint"))
+        assert re.fullmatch(rf"Cannot save a checkpoint in /w: {reason}\. Everything written "
+                            rf"before is intact: {advice}.*, then run the same command to "
+                            r"resume\.", message), message
 
 
 def test_second_process_on_a_busy_run_workdir_exits_2(tmp_path):
@@ -176,9 +221,12 @@ def test_unwritable_workdir_mid_run_stops_at_once(tiny_config, tmp_path, monkeyp
 
     monkeypatch.setattr(workdir_lib.tempfile, "NamedTemporaryFile", probe)
     monkeypatch.setattr(workdir_lib.shutil, "disk_usage", usage)
-    reason = "Read-only file system" if failure == "read-only" else "not enough free space"
+    # The OS error as it is, with advice that fits it (free space only where space is short).
+    reason = (r"Read-only file system\. .*: remount the file system read-write"
+              if failure == "read-only" else
+              r"not enough free space \(.* free, .* needed\)\. .*: free space there")
     with pytest.raises(WorkdirError, match=rf"Cannot save a checkpoint in {workdir}/checkpoints:"
-                                           rf" {reason} \(.* free, .* needed\)"):
+                                           rf" {reason}.*, then run the same command"):
         train.train_and_evaluate(tiny_config, workdir)
     # Epoch 1's checkpoint is intact; epoch 2's save never started (nothing half-written).
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["8"]
