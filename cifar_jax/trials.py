@@ -147,14 +147,51 @@ def expand(config: ml_collections.ConfigDict) -> List[Trial]:
     dropout_models = (_values(grid.dropout_models, str, "dropout_models")
                       if grid.get("dropout_models") else [])
     _check_model_names(grid, {"models": models, "dropout_models": dropout_models})
+    paired = _paired_axes(grid)
     trials: List[Trial] = []
     for model in models:
         axes = [(a, _axis_text(grid, model, a, dropout_models)) for a in AXES]
         axes = [(a, _values(text, a.cast, a.grid_field)) for a, text in axes if text is not None]
-        for combo in itertools.product(*(values for _, values in axes)):
+        for combo in _combinations(axes, paired, model):
             values = tuple((a.key, v) for (a, _), v in zip(axes, combo))
             trials.append(Trial(len(trials), model, values))
     return trials
+
+
+def _paired_axes(grid) -> List[str]:
+    """config.grid.paired_axes: axes (grid field names) whose values pair up one to one."""
+    text = grid.get("paired_axes") or ""
+    names = _values(text, str, "paired_axes") if str(text).strip() else []
+    fields = {a.grid_field for a in AXES}
+    unknown = [n for n in names if n not in fields]
+    if unknown or len(names) == 1:
+        raise config_checks.ConfigError(
+            f"config.grid.paired_axes={text!r}: give two or more of "
+            f"{', '.join(a.grid_field for a in AXES)} (e.g. optimizer,learning_rate)"
+            + (f"; no axis {', '.join(map(repr, unknown))}" if unknown else "") + ".")
+    return names
+
+
+def _combinations(axes, paired: Sequence[str], model: str):
+    """Every combination of the axes' values [(Axis, values)]: their product, except that the
+    `paired` axes step together (their i-th values form one choice, at the first one's place)."""
+    groups, together = [], [i for i, (a, _) in enumerate(axes) if a.grid_field in paired]
+    if together:
+        lengths = {a.grid_field: len(v) for a, v in (axes[i] for i in together)}
+        if len(together) != len(paired) or len(set(lengths.values())) > 1:
+            raise config_checks.ConfigError(
+                f"config.grid.paired_axes={','.join(paired)}: for {model} these axes need the "
+                f"same number of values to pair them; they have {lengths}.")
+        groups.append((together, list(zip(*(axes[i][1] for i in together)))))
+    groups += [([i], [(v,) for v in values]) for i, (_, values) in enumerate(axes)
+               if i not in together]
+    groups.sort(key=lambda g: g[0][0])
+    for choice in itertools.product(*(options for _, options in groups)):
+        combo = [None] * len(axes)
+        for (indices, _), values in zip(groups, choice):
+            for i, v in zip(indices, values):
+                combo[i] = v
+        yield tuple(combo)
 
 
 def _check_model_names(grid, named: Dict[str, List[str]]) -> None:

@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     grid.augmentation = "basic,advanced"
     grid.dropout_rate = "0.3,0.5"  # swept for the models in dropout_models only
     grid.dropout_models = "alexnet"  # the study's: others keep their config.dropout_rate
+    # Axes (field names above) whose values pair up one to one instead of crossing, e.g.
+    # "optimizer,learning_rate" with "sgd,adam" and "0.01,0.001": SGD at 0.01, Adam at 0.001.
+    grid.paired_axes = ""
     grid.seeds = "0"  # several seeds repeat every trial; selection uses their mean
     grid.fail_fast = False  # stop at the first failed trial instead of recording it and going on
     # The untuned baseline drawn against the best trial in the plots: the textbook starting point

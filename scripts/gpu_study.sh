@@ -34,60 +34,29 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 COMMON=(--config.data.source="$DATA" --config.compilation_cache_dir="$RUNS/xla_cache" "$@")
 
-# run NAME COMMAND...: runs it, appends its output to OUT/NAME.log, records command and time.
-run() {
-  local name=$1; shift
-  local start; start=$(date +%s.%N)
-  "$@" 2>&1 | tee -a "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  python3 - "$OUT/run_log.json" "$name" "$start" "$rc" "$*" <<'PY'
-import json, os, platform, sys, time
-path, name, start, rc, command = sys.argv[1:]
-log = json.load(open(path)) if os.path.exists(path) else {"commands": [], "wall_times": {}}
-log["commands"].append(command)
-log["wall_times"][name] = time.time() - float(start)
-log.setdefault("exit_codes", {})[name] = int(rc)
-versions = {"python": platform.python_version()}
-for module in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch"):
-    try:
-        versions[module] = __import__(module, fromlist=["_"]).__version__
-    except Exception:
-        pass
-try:
-    import torch
-    versions["cuda (torch)"] = torch.version.cuda
-except Exception:
-    pass
-try:
-    import jax
-    log["device"] = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
-except Exception:
-    pass
-log["versions"] = versions
-json.dump(log, open(path, "w"), indent=2)
-PY
-  return "$rc"
-}
+# run NAME LOG_JSON COMMAND...: runs it, logs its output, records command, versions and time.
+source scripts/run_log.sh
+LOG="$OUT/run_log.json"
 
 case "$PHASE" in
   study)
-    run study python3 -m cifar_jax.main --config configs/grid.py --workdir "$RUNS/grid" \
+    run study "$LOG" python3 -m cifar_jax.main --config configs/grid.py --workdir "$RUNS/grid" \
       --config.grid.repeat_selected_seeds=1,2 "${COMMON[@]}" ;;
   twin)
-    run twin python3 -m cifar_jax.main --config configs/grid.py --workdir "$RUNS/grid_torch" \
+    run twin "$LOG" python3 -m cifar_jax.main --config configs/grid.py --workdir "$RUNS/grid_torch" \
       --selected_from "$RUNS/grid" --config.framework=torch --config.grid.seeds=0,1,2 \
       "${COMMON[@]}" ;;
   recipe)
-    run recipe python3 -m cifar_jax.main --config configs/recipe.py --workdir "$RUNS/recipe" \
+    run recipe "$LOG" python3 -m cifar_jax.main --config configs/recipe.py --workdir "$RUNS/recipe" \
       "${COMMON[@]}" ;;
   bench)
-    run bench python3 -m cifar_jax.bench --models "${BENCH_MODELS:-resnet18,alexnet,mobilenetv2}" \
+    run bench "$LOG" python3 -m cifar_jax.bench --models "${BENCH_MODELS:-resnet18,alexnet,mobilenetv2}" \
       --frameworks jax,torch --jax_variants "${JAX_VARIANTS:-steps,loop,loop_bf16}" \
       --pack_sizes "${PACK_SIZES:-1,4,8}" --precision tf32 \
       --torch_variants "${TORCH_VARIANTS:-eager,channels_last_amp,compile,compile_amp,reduce_overhead,reduce_overhead_amp}" \
       --out "$OUT/bench.json" ;;
   profile)
-    run profile python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \
+    run profile "$LOG" python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \
       --batch_size 128 --hlo_dir "$RUNS/profile" ;;
   *) echo "unknown phase $PHASE (study, twin, recipe, bench, profile)" >&2; exit 2 ;;
 esac

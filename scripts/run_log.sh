@@ -1,0 +1,44 @@
+# Sourced by scripts/gpu_study.sh and scripts/cpu_slice.sh:
+#   run NAME LOG_JSON COMMAND...
+# runs COMMAND, appends its output to $OUT/NAME.log, and records in LOG_JSON the command, its
+# wall time and exit code, the package versions, the device and the machine, which
+# `python -m cifar_jax.publish --run_log LOG_JSON` turns into REPRODUCE.md.
+run() {
+  local name=$1 log_json=$2; shift 2
+  local start; start=$(date +%s.%N)
+  "$@" 2>&1 | tee -a "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  python3 - "$log_json" "$name" "$start" "$rc" "$*" <<'PY'
+import json, os, platform, sys, time
+path, name, start, rc, command = sys.argv[1:]
+log = json.load(open(path)) if os.path.exists(path) else {"commands": [], "wall_times": {}}
+if command not in log["commands"]:  # a resumed phase runs the same command again
+    log["commands"].append(command)
+log["wall_times"][name] = log["wall_times"].get(name, 0) + time.time() - float(start)
+log.setdefault("exit_codes", {})[name] = int(rc)
+versions = {"python": platform.python_version()}
+for module in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch"):
+    try:
+        versions[module] = __import__(module, fromlist=["_"]).__version__
+    except Exception:
+        pass
+try:
+    import torch
+    versions["cuda (torch)"] = torch.version.cuda
+except Exception:
+    pass
+try:
+    import jax
+    log["device"] = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
+except Exception:
+    pass
+cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+            if line.startswith("model name")), platform.processor()) \
+    if os.path.exists("/proc/cpuinfo") else platform.processor()
+memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+log["machine"] = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()}"
+log["versions"] = versions
+json.dump(log, open(path, "w"), indent=2)
+PY
+  return "$rc"
+}
