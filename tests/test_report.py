@@ -1,5 +1,6 @@
 """The report from trial directories written by hand: statistics, summary, figure contents."""
 
+import csv
 import os
 
 import pytest
@@ -126,33 +127,73 @@ def test_report_reads_only_what_it_needs(tmp_path):
     assert (tmp_path / t.relpath / "result.json").read_text() == "{oops"  # left as it was
 
 
-def test_publish_writes_results_and_regenerates_the_readme_section(seeded_workdir, tmp_path):
-    import subprocess
-    import sys
-
-    c, workdir = seeded_workdir
+def _publishable(c, workdir):
     report.write_report(workdir, c)
     workdir_lib.write_json_atomic(os.path.join(workdir, "grid_config.json"), c.to_dict())
+
+
+def test_publish_writes_results_and_a_readme_entry(seeded_workdir, tmp_path):
+    from cifar_jax import publish
+
+    c, workdir = seeded_workdir
+    _publishable(c, workdir)
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\ntail\n")
     run_log = tmp_path / "run_log.json"
     run_log.write_text('{"commands": ["python -m cifar_jax.main ..."], "wall_times": {"study": '
-                       '123.4}, "versions": {"jax": "0.0"}, "device": "1x test"}')
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "cifar_jax.publish", "--out", str(tmp_path / "results" / "r"),
-         "--jax_grid", workdir, "--run_log", str(run_log), "--readme", str(readme)],
-        cwd=root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+                       '123.4}, "versions": {"jax": "0.0"}, "device": "1x cpu", '
+                       '"machine": "Some CPU, 2 cores"}')
     out = tmp_path / "results" / "r"
-    assert {"results.csv", "summary.md", "seeds.md", "REPRODUCE.md", "plots"} <= set(
+    publish.publish(str(out), workdir, torch_grid=workdir, run_log=str(run_log),
+                    readme=str(readme), command="python3 -m cifar_jax.publish ...")
+    assert {"results.csv", "summary.md", "REPRODUCE.md", "run_log.json", "plots"} <= set(
         os.listdir(out))
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n") and text.endswith("tail\n")
-    assert ("| alexnet | 74% (not recorded here) | sgd_lr0.01_wd1e-4_basic_do0.5 | "
-            "60.00% ± 1.00 (n=3) | 59.00% ± 1.00 (n=3) |") in text
-    assert "3-epoch trials on data source `tfds`" in text
-    assert "- study: 123 s" in (out / "REPRODUCE.md").read_text()
+    assert "### A slice of the study" in text and "The study itself has not been run" in text
+    assert ("6 grid trials of alexnet, 3 epochs each at batch 128, on data source `tfds`, on a "
+            "CPU (Some CPU, 2 cores)") in text and "**Not the study**" in text
+    row = ("| alexnet | sgd_lr0.01_wd1e-4_basic_do0.5 | 60.00% ± 1.00 (n=3) | 59.00% ± 1.00 "
+           "(n=3) | 60.00% ± 1.00 (n=3) | 59.00% ± 1.00 (n=3) | +0.00 pp, within the seeds' "
+           "spread (1.00 pp pooled std) |")
+    assert row in text and row in (out / "summary.md").read_text()
+    assert "[`REPRODUCE.md`](results/r/REPRODUCE.md)" in text
+    reproduce = (out / "REPRODUCE.md").read_text()
+    assert "- study: 123 s" in reproduce and "Machine: Some CPU, 2 cores" in reproduce
+    assert "python3 -m cifar_jax.publish ..." in reproduce
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 12  # JAX and twin rows
+
+
+def test_publications_keep_one_readme_entry_each(seeded_workdir, tmp_path):
+    """Two results folders coexist; republishing one replaces its own entry only; the study's
+    entry comes first; REPRODUCE.md is linked only where it was written; a README without the
+    markers gets the section once, one with a single marker is refused in one line."""
+    from cifar_jax import cli, publish
+
+    c, workdir = seeded_workdir
+    _publishable(c, workdir)
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    publish.publish(str(tmp_path / "results" / "a"), workdir, title="Slice A",
+                    readme=str(readme))
+    publish.publish(str(tmp_path / "results" / "b"), workdir, title="Slice B",
+                    readme=str(readme))
+    publish.publish(str(tmp_path / "results" / "a"), workdir, title="Slice A, again",
+                    readme=str(readme))
+    text = readme.read_text()
+    assert text.count(publish.START) == text.count(publish.END) == 1
+    assert "### Slice A, again" in text and "### Slice A\n" not in text
+    assert text.index("### Slice A, again") < text.index("### Slice B")
+    assert "REPRODUCE.md" not in text  # no --run_log: not written, not linked
+    study = ("<!-- results:entry study results/z -->\n### The study\n\nfigures\n"
+             "<!-- results:entry-end -->\n")
+    text = publish.with_entry(text, study, "README.md")
+    assert text.index("### The study") < text.index("### Slice A, again")
+    assert "has not been run with this engine" not in text
+    readme.write_text("# x\n<!-- results:start -->\n")
+    with pytest.raises(cli.UsageError, match="only the start marker of the Results section"):
+        publish.publish(str(tmp_path / "results" / "c"), workdir, readme=str(readme))
+    assert not (tmp_path / "results" / "c").exists()  # refused before writing anything
 
 
 def _trial(c, optimizer, seed=0):
