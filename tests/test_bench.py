@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -50,7 +51,7 @@ def test_bench_smoke_output_format(tmp_path):
     assert data["models"]["alexnet"]["params"] == 23_272_266
     assert data["models"]["alexnet"]["macs_per_image"] > 6e7
     jax_line = next(line for line in data["table"].splitlines() if "| jax | steps |" in line)
-    assert jax_line.count("x |") == 2  # train and eval ratios to the fastest PyTorch
+    assert len(re.findall(r"\| \d+\.\d\dx \|", jax_line)) == 2  # train and eval ratios
     assert " min |" in data["table"]  # projected grid share
     (eff,) = data["efficiency"]
     assert 40 < eff["checkpoint_mb"] < 100  # 23.3M float32 parameters (88.8 MB raw, compressed)

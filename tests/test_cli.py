@@ -71,18 +71,23 @@ def test_invalid_config_is_one_error_line_before_anything_runs(tmp_path):
 
 
 def test_smoke_run_output_is_quiet_and_complete(tmp_path):
-    """One progress line per chunk, one summary line per epoch, no library chatter."""
+    """One progress line per chunk (the first chunks ramp up: 1, 2, 2 steps here, so the
+    first line comes one step after the compile), one summary line per epoch, no library
+    chatter."""
     proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
                 "--config.num_epochs=1", "--config.data.synthetic_train_size=820",
                 "--config.data.val_size=100", "--config.log_every_steps=5",
                 "--config.batch_size=144", CACHE_FLAG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert sum("step " in line and "/5 (epoch 1/1)" in line for line in lines) == 1
+    progress = [line.split("] ")[1].split(" (")[0] for line in lines
+                if "step " in line and "/5 (epoch 1/1)" in line]
+    assert progress == ["step 1/5", "step 3/5", "step 5/5"], "\n".join(lines)
+    assert "first chunk" in lines[1] and "steps/s" in lines[2]  # compile, then the speed
     assert sum("epoch 1/1  train loss" in line for line in lines) == 1
     for noise in ("oneDNN", "libtpu", "orbax", "Saving checkpoint", socket_host()):
         assert not any(noise in line for line in lines), noise
-    assert len(lines) <= 6, "\n".join(lines)
+    assert len(lines) <= 8, "\n".join(lines)
     assert os.listdir(os.path.expanduser(CACHE_FLAG.split("=", 1)[1]))  # compile cache filled
 
 

@@ -66,7 +66,7 @@ def test_dry_run_lists_the_default_grid():
                            "--config.grid.per_model.resnet18.weight_decay=nan"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "config.weight_decay=nan" in proc.stderr
-    assert "(16 of 64 trials: sgd_lr0.001_wdnan_basic" in proc.stderr
+    assert "(8 of 40 trials: sgd_lr0.001_wdnan_basic" in proc.stderr
 
 
 def test_trial_names_and_overrides():
