@@ -85,6 +85,19 @@ def remove_unfinished(directory: str) -> None:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+def load_weights(directory: str, template: Dict[str, Any]) -> Dict[str, Any]:
+    """The best weights a completed run keeps (`best_weights/`), shaped like `template`; reads
+    only (a run directory can be served read-only)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    with native.quiet_stderr():
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                return checkpointer.restore(directory, abstract)
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(f"{directory} is unreadable ({error_summary(e)}): the run's "
+                                  "kept weights are damaged or incomplete.") from e
+
+
 class Checkpoints:
     def __init__(self, workdir: str, max_to_keep: int = 2):
         self.workdir = os.path.abspath(workdir)
@@ -233,9 +246,7 @@ class Checkpoints:
         return os.path.isdir(self.weights_directory)
 
     def load_weights(self, template: Dict[str, Any]) -> Dict[str, Any]:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(self.weights_directory, abstract)
+        return load_weights(self.weights_directory, template)
 
     def remove_full_checkpoints(self) -> None:
         """Deletes the full train states once the best weights are saved."""

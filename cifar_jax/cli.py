@@ -147,12 +147,13 @@ def _exit_now_if_write_failed(error: BaseException, code: int) -> None:
         os._exit(code)
 
 
-def run(main: Callable) -> None:
-    """absl's app.run with the behaviour described in the module docstring."""
+def run(main: Callable, positional: bool = False) -> None:
+    """absl's app.run with the behaviour described in the module docstring; `positional`: the
+    command takes arguments besides its flags (main gets them in argv[1:])."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines
 
     def wrapped(argv):
-        if len(argv) > 1:
+        if len(argv) > 1 and not positional:
             print(f"error: unexpected arguments: {' '.join(argv[1:])} (see --help)",
                   file=sys.stderr)
             sys.exit(2)

@@ -30,7 +30,6 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cifar_jax import augment, input_pipeline, models, optim
-from cifar_jax.models.layers import resolve_depthwise
 
 # Sub-streams of a trial's key: each random choice has its own, folded with step or epoch.
 _INIT, _SHUFFLE, _AUGMENT, _DROPOUT = range(4)
@@ -95,7 +94,7 @@ class StaticSpec:
     ema: bool  # keep an exponential moving average of the weights (evaluated instead)
     tta_flip: bool  # evaluate on the image and its mirror image, logits averaged
     device_loop: bool  # a chunk of steps is one on-device loop (else one dispatch per step)
-    depthwise: str  # how depthwise convolutions are computed ('shifts' or 'grouped')
+    depthwise: str  # how depthwise convolutions are computed (models.layers.DEPTHWISE_IMPLS)
     pack_size: int
     num_devices: int
 
@@ -144,8 +143,7 @@ def static_spec(config, num_train: int, pack_size: int = 1, num_devices: int = 1
         nesterov=bool(config.nesterov), decay_bn_and_bias=bool(config.decay_bn_and_bias),
         ema=config.ema_decay > 0, tta_flip=bool(config.tta_flip),
         device_loop=device_loop(config.step_loop, jax.default_backend()),
-        # .get: configs stored before the field existed
-        depthwise=resolve_depthwise(config.get("depthwise", "auto"), jax.default_backend()),
+        depthwise=config.get("depthwise", "auto"),  # .get: configs stored before the field
         pack_size=pack_size,
         num_devices=num_devices)
 

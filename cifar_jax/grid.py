@@ -337,7 +337,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
     logging.info("Grid: this process finished: %d trials completed, %d failed. Train-step "
                  "compilations: %s.", runner.done, len(runner.failed),
                  ", ".join(f"{m} {n}" for m, n in engine.compiles("train").items()) or "none")
-    rows = report.write_report(workdir, config, dataset=dataset, engine=engine)["rows"]
+    rows = report.write_report(workdir, config, dataset=dataset)["rows"]
     # Trials that will not complete by rerunning alone (diverged, failed, damaged, or held
     # by a process this host cannot check) make the exit status 1, in every process.
     # Trials that no live process is taking to the end (diverged, failed, damaged, abandoned by

@@ -51,6 +51,7 @@ class Dataset:
     val: Optional[Split]  # None when val_size == 0
     test: Split
     source: str
+    classes: Tuple[str, ...] = CIFAR10_CLASSES  # class names, by label
 
     @property
     def largest_eval(self) -> int:
@@ -151,7 +152,7 @@ def load_cifar_dir(path: str) -> Tuple[Split, Split]:
     return read(expected[:5]), read(expected[5:])
 
 
-def _is_junk(name: str) -> bool:
+def is_junk(name: str) -> bool:
     """Entries that archivers and file browsers add beside the data (__MACOSX, .DS_Store)."""
     return name.startswith(".") or name == "__MACOSX"
 
@@ -173,7 +174,7 @@ class _TreeReader:
                 self.dirs += [os.path.normpath(os.path.join(rel, d)) for d in dirs]
         else:
             self._open_tar(path)
-        keep = lambda f: not any(_is_junk(p) for p in f.split(os.sep))  # noqa: E731
+        keep = lambda f: not any(is_junk(p) for p in f.split(os.sep))  # noqa: E731
         self.files = [f for f in self.files if keep(f)]
         self.dirs = [d for d in self.dirs if keep(d)]
         # Tolerate one wrapping top-level folder (e.g. cifar10/train/...).
@@ -242,19 +243,38 @@ def _to_rgb8(image, name: str) -> np.ndarray:
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         if alpha.min() == 255:  # fully opaque: dropping the alpha channel loses nothing
             return np.asarray(image.convert("RGB"), np.uint8)
-        raise DataError(f"folder: image {name!r} has transparent pixels (mode {image.mode}); "
+        raise DataError(f"image {name!r} has transparent pixels (mode {image.mode}); "
                         "CIFAR-10 images are opaque 8-bit RGB. Flatten it first.")
     if mode not in _FAITHFUL_MODES:
-        raise DataError(f"folder: image {name!r} has mode {image.mode!r}, which does not "
+        raise DataError(f"image {name!r} has mode {image.mode!r}, which does not "
                         "convert to 8-bit RGB faithfully (e.g. 16-bit, float or CMYK). Save it "
                         "as 8-bit RGB (or greyscale / palette) first.")
     return np.asarray(image.convert("RGB"), np.uint8)
 
 
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """An image file's bytes -> the 8-bit RGB pixels it holds [H, W, 3]; DataError naming
+    `name` when it is no image, or its pixels do not convert faithfully (see `_to_rgb8`)."""
+    from PIL import Image, UnidentifiedImageError  # pillow: only image files need it
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _to_rgb8(im, name)
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"{name!r} is not an image file (PNG, JPEG, BMP, ...)") from None
+    except Exception as e:
+        raise DataError(f"cannot decode image {name!r}: {e}") from e
+
+
 def load_folder(path: str) -> Tuple[Split, Split]:
     """Reads train/<class>/* and test/<class>/* from a directory or tar archive."""
-    from PIL import Image  # pillow: only this source decodes images
+    return read_folder(path)[:2]
 
+
+def read_folder(path: str) -> Tuple[Split, Split, Tuple[str, ...]]:
+    """`load_folder`, and the class names (the sorted folder names, by label)."""
     reader = _TreeReader(path)
     tree = reader.tree()
     if "train" not in tree or "test" not in tree:
@@ -277,14 +297,10 @@ def load_folder(path: str) -> Tuple[Split, Split]:
             f"({sorted(tree['test'])}).")
 
     def decode(name: str) -> np.ndarray:
-        data = reader.read(name)
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                array = _to_rgb8(im, name)
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"folder: cannot decode image {name!r} in {path!r}: {e}") from e
+            array = decode_image(reader.read(name), name)
+        except DataError as e:
+            raise DataError(f"folder: {e} (in {path!r})") from e
         if array.shape != IMAGE_SHAPE:
             raise DataError(f"folder: image {name!r} has shape {array.shape}; every "
                             f"image must be {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} RGB.")
@@ -296,7 +312,7 @@ def load_folder(path: str) -> Tuple[Split, Split]:
                      np.asarray([label for label, _ in names], np.int32))
 
     logging.info("Decoding images from %s (classes: %s)", path, ", ".join(classes))
-    return read("train"), read("test")
+    return read("train"), read("test"), tuple(classes)
 
 
 CIFAR10_DOWNLOAD_HOST = "www.cs.toronto.edu"  # where tensorflow-datasets fetches CIFAR-10
@@ -417,12 +433,13 @@ def _check_split(split: Split, name: str, source: str):
 def load_dataset(data_config) -> Dataset:
     """Loads `data_config.source` and splits off the stratified validation set."""
     kind, path = parse_source(data_config.source)
+    classes = CIFAR10_CLASSES
     if kind == "tfds":
         train, test = load_tfds(data_config.get("tfds_data_dir"))
     elif kind == "cifar_dir":
         train, test = load_cifar_dir(path)
     elif kind == "folder":
-        train, test = load_folder(path)
+        train, test, classes = read_folder(path)
     else:
         train, test = make_synthetic(data_config.synthetic_train_size,
                                      data_config.synthetic_test_size)
@@ -440,4 +457,4 @@ def load_dataset(data_config) -> Dataset:
         keep[val_idx] = False
         val = Split(train.images[val_idx], train.labels[val_idx])
         train = Split(train.images[keep], train.labels[keep])
-    return Dataset(train=train, val=val, test=test, source=data_config.source)
+    return Dataset(train=train, val=val, test=test, source=data_config.source, classes=classes)

@@ -160,31 +160,31 @@ def margin_text(best: Configuration, runner_up: Optional[Configuration],
 # Test evaluation of the selected configurations.
 
 
-def _evaluate_test(workdir: str, config, row, dataset, engine) -> float:
-    """The test accuracy of a selected trial's best weights, kept in its result.json and
-    written to its TensorBoard events."""
+def _evaluate_test(workdir: str, row, dataset) -> float:
+    """The test accuracy of a selected trial's kept weights (its best epoch's), from one pass
+    over the test split that also writes the trial's evaluation in depth (evaluation/test/);
+    kept in its result.json and written to its TensorBoard events. Trials of the PyTorch twin
+    are evaluated through the same Flax forward pass, their weights converted."""
+    from cifar_jax import evaluation, inference
+
     directory = os.path.join(workdir, row["trial"].relpath)
+    trained = inference.load_run(directory, f"{row['model']}/{row['name']} of the grid in "
+                                            f"{workdir}")
+    e = evaluation.evaluate_split(trained, dataset.test, "test")
     result = workdir_lib.read_result(directory)
-    tc = trials_lib.trial_config(config, row["trial"])
-    if tc.framework == "torch":
-        from cifar_jax.torch_twin import train as torch_train
-        t = torch_train.evaluate_checkpoint(tc, directory, dataset.test)
-    else:
-        from cifar_jax import train
-        t = train.evaluate_checkpoint(tc, directory, dataset.test, engine, dataset)
-    result.update(selected=True, test_accuracy=t["accuracy"], test_loss=t["loss"])
+    result.update(selected=True, test_accuracy=e.accuracy, test_loss=e.nll)
     workdir_lib.write_result(directory, result)
     writer = metric_writing.create_writer(directory)
-    writer.write_scalars(result.get("step") or 0, {"test/loss": t["loss"],
-                                                   "test/accuracy": t["accuracy"]})
+    writer.write_scalars(result.get("step") or 0, {"test/loss": e.nll,
+                                                   "test/accuracy": e.accuracy})
     writer.close()
     logging.info("Selected %s/%s: test accuracy %.2f%% (best weights)", row["model"],
-                 row["name"], 100 * t["accuracy"])
-    return t["accuracy"]
+                 row["name"], 100 * e.accuracy)
+    return e.accuracy
 
 
 def _mark_selected(workdir, config, rows, selected: Dict[str, List[Dict[str, Any]]],
-                   dataset, engine) -> None:
+                   dataset) -> None:
     """Test-evaluates the selected trials (once: the result is kept in result.json) and
     unmarks trials selected by an earlier report, when fewer trials had finished."""
     chosen = {id(r) for rs in selected.values() for r in rs}
@@ -196,7 +196,7 @@ def _mark_selected(workdir, config, rows, selected: Dict[str, List[Dict[str, Any
             if dataset is None:
                 dataset = input_pipeline.load_dataset(config.data)
             try:
-                r["test_accuracy"] = _evaluate_test(workdir, config, r, dataset, engine)
+                r["test_accuracy"] = _evaluate_test(workdir, r, dataset)
                 r["selected"] = True
             except Exception as e:  # noqa: BLE001 - one trial's files must not sink the report
                 r["error"] = f"test evaluation failed: {type(e).__name__}: {e}"
@@ -279,7 +279,10 @@ def epochs_text(rows) -> str:
 
 
 def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
-                     leaders: Optional[Dict[str, Configuration]] = None) -> str:
+                     leaders: Optional[Dict[str, Configuration]] = None,
+                     evaluations: Sequence[Tuple[str, str]] = ()) -> str:
+    """summary.md; `evaluations`: (label, path relative to the grid workdir) of the selected
+    trials' evaluations in depth."""
     lines = ["# Summary of best hyperparameters", "",
              f"{epochs_text(rows)} The published figures are the study's best validation "
              f"accuracy after {PUBLISHED_EPOCHS} epochs. Accuracies are mean ± standard "
@@ -296,6 +299,10 @@ def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
             f"{len(sel)} | {pct_std([s['best_val_accuracy'] for s in sel])} | "
             f"{pct_std([s['test_accuracy'] for s in sel])} | "
             f"{_pct(PUBLISHED_BEST_VAL.get(model))} |")
+    if evaluations:
+        lines += ["", "Evaluation in depth on the test split (per-class precision and recall, "
+                  "calibration, confusion matrix, most confident mistakes): " + ", ".join(
+                      f"[{label}]({path})" for label, path in evaluations) + "."]
     lines += ["", "Selection margin (means over the grid's seeds; the noise from every seed run "
               "of the selected configuration and the runner-up):", ""]
     for model, c in best.items():
@@ -339,7 +346,7 @@ def _effects_markdown(rows) -> List[str]:
 
 
 def write_report(workdir: str, config: ml_collections.ConfigDict,
-                 dataset: Optional[input_pipeline.Dataset] = None, engine=None) -> Dict[str, Any]:
+                 dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
     """Writes results.csv, summary.md and plots/ for whatever has finished in `workdir`."""
     from cifar_jax import plots
 
@@ -353,16 +360,28 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
         rows += [dict(r, repeat=True) for r in collect(workdir, repeat_trials(config, best))]
         selected = {m: [r for r in rows if r["status"] == "completed" and r["model"] == m
                         and r["trial"].config_name == c.name] for m, c in best.items()}
-        _mark_selected(workdir, config, rows, selected, dataset, engine)
+        _mark_selected(workdir, config, rows, selected, dataset)
         _write_csv(os.path.join(workdir, "results.csv"), rows)
         workdir_lib.write_text_atomic(
             os.path.join(workdir, "summary.md"),
-            summary_markdown(rows, best, selected, runner_up, leaders))
+            summary_markdown(rows, best, selected, runner_up, leaders,
+                             _evaluations(workdir, selected)))
         plots.write_plots(workdir, rows, best, selected, config.grid.default_trial)
     finally:
         lock.release()
     logging.info("Report: %s/results.csv, summary.md, plots/", workdir)
     return {"rows": rows, "best": best, "selected": selected}
+
+
+def _evaluations(workdir: str, selected) -> List[Tuple[str, str]]:
+    """(label, relative path) of each selected trial's test evaluation that exists."""
+    out = []
+    for model, rows in selected.items():
+        for r in rows:
+            path = os.path.join(r["trial"].relpath, "evaluation", "test", "summary.md")
+            if os.path.exists(os.path.join(workdir, path)):
+                out.append((f"{model}, seed {dict(r['trial'].values).get('seed', 0)}", path))
+    return out
 
 
 def _write_csv(path: str, rows) -> None:

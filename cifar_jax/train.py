@@ -542,6 +542,7 @@ def _finish(pack: Pack) -> None:
             m.last_record = records[-1] if records else {}
         m.status = "completed"
         _write_result(m, "completed", num_params=pack.num_params, step=pack.step,
+                      classes=list(pack.dataset.classes),
                       total_steps=pack.spec.total_steps,
                       final_val_accuracy=m.last_record.get("val_accuracy"),
                       final_val_loss=m.last_record.get("val_loss"),

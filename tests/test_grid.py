@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cifar_jax import (config_checks, engine, grid, report, train, trials,
+from cifar_jax import (config_checks, engine, evaluation, grid, report, train, trials,
                        workdir as workdir_lib)
 from conftest import CACHE_FLAG
 
@@ -256,9 +256,15 @@ def test_report_evaluates_each_selected_trial_once(tmp_path, monkeypatch):
     # The selected configuration was repeated with seed 1: both seeds are test-evaluated.
     selected = [r for r in rows if r["selected"] == "True"]
     assert len(selected) == 2 and {r["seed"] for r in selected} == {"0", "1"}
-    assert "± " in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "± " in summary
+    # Each selected trial's evaluation in depth, from the same pass, linked from summary.md.
+    for r in selected:
+        path = f"trials/alexnet/{r['name']}/evaluation/test/summary.md"
+        assert f"]({path})" in summary
+        assert f"accuracy: {100 * float(r['test_accuracy']):.2f}%" in (tmp_path / path).read_text()
     calls = []
-    monkeypatch.setattr(train, "evaluate_checkpoint", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(evaluation, "evaluate_split", lambda *a, **k: calls.append(a))
     report.write_report(str(tmp_path), c)  # a second process finishing: nothing re-evaluated
     assert calls == []
     selected_events = glob.glob(str(tmp_path / "trials" / "alexnet" / selected[0]["name"] /

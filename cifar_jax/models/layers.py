@@ -4,6 +4,7 @@ The models have a PyTorch twin (`cifar_jax.torch_twin`) that must agree layer fo
 so the few places where Flax defaults differ from PyTorch are pinned down here.
 """
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -96,21 +97,12 @@ def dropout(x, rate, *, deterministic: bool, rng_collection: str = "dropout", mo
 
 
 # How a depthwise convolution is computed (config.depthwise): 'grouped' is XLA's grouped
-# convolution, 'shifts' the same sum written as k*k shifted multiply-adds, 'auto' the faster of
-# the two where the model is traced.
+# convolution, 'shifts' the same sum written as k*k shifted multiply-adds, 'auto' shifts on the
+# CPU (XLA:CPU has no fast grouped convolution: a 3x3 depthwise layer of MobileNetV2, forward
+# and backward, runs 5x faster as shifts) and grouped elsewhere (cuDNN's depthwise kernels; a
+# GPU measurement may move this), chosen when the program is lowered for its platform, so an
+# exported program carries both.
 DEPTHWISE_IMPLS = ("auto", "shifts", "grouped")
-
-
-def resolve_depthwise(impl: str, platform: str = None) -> str:
-    """'auto' -> 'shifts' on the CPU, where XLA has no fast grouped convolution (a 3x3
-    depthwise layer of MobileNetV2, forward and backward: 5x faster as shifts), else 'grouped'
-    (cuDNN's depthwise kernels; a GPU measurement may move this)."""
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"Unknown depthwise implementation {impl!r}; valid: "
-                         f"{', '.join(DEPTHWISE_IMPLS)}.")
-    if impl != "auto":
-        return impl
-    return "shifts" if (platform or jax.default_backend()) == "cpu" else "grouped"
 
 
 def depthwise_shifts(x, kernel, strides: int):
@@ -155,9 +147,20 @@ class DepthwiseConv(nn.Module):
         channels, k = x.shape[-1], self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, 1, channels), jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)  # as nn.Conv promotes
-        if resolve_depthwise(self.impl) == "shifts":
-            return depthwise_shifts(x, kernel, self.strides)
-        pad = (k - 1) // 2
-        return jax.lax.conv_general_dilated(
-            x, kernel, (self.strides, self.strides), ((pad, pad), (pad, pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+        forms = {"shifts": functools.partial(depthwise_shifts, strides=self.strides),
+                 "grouped": functools.partial(depthwise_grouped, strides=self.strides)}
+        if self.impl == "auto":
+            return jax.lax.platform_dependent(x, kernel, cpu=forms["shifts"],
+                                              default=forms["grouped"])
+        if self.impl not in forms:
+            raise ValueError(f"Unknown depthwise implementation {self.impl!r}; valid: "
+                             f"{', '.join(DEPTHWISE_IMPLS)}.")
+        return forms[self.impl](x, kernel)
+
+
+def depthwise_grouped(x, kernel, strides: int):
+    """The same convolution as `depthwise_shifts`, as XLA's grouped convolution."""
+    pad = (kernel.shape[0] - 1) // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])

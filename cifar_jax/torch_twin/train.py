@@ -328,7 +328,8 @@ class _Run:
         if config.evaluate_test:
             test = evaluate_checkpoint(config, self.workdir, self.data.test)
         result = self._result(
-            "completed", record, step=self.total_steps, test_accuracy=test["accuracy"],
+            "completed", record, step=self.total_steps, classes=list(self.data.classes),
+            test_accuracy=test["accuracy"],
             test_loss=test["loss"], images_per_sec=(self.total_steps * config.batch_size /
                                                     self.train_time if self.train_time else None))
         logging.info("[torch] finished: best val accuracy %.2f%%, test accuracy %s",
