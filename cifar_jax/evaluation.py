@@ -204,13 +204,11 @@ def _save(fig, path: str) -> None:
         plt.close(fig)
 
 
-def evaluate_split(trained, split: input_pipeline.Split, name: str, predictor=None,
+def evaluate_split(trained, split: input_pipeline.Split, name: str, predictor,
                    write_files: bool = True) -> Evaluation:
-    """The evaluation of `trained` (an inference.TrainedModel) on `split`, written to
-    <run>/evaluation/<name>/ unless `write_files` is False."""
-    from cifar_jax import inference
-
-    predictor = predictor or inference.Predictor(trained)
+    """The evaluation of `trained` (an inference.TrainedModel) on `split` with its
+    `predictor` (an inference.Predictor), written to <run>/evaluation/<name>/ unless
+    `write_files` is False."""
     e = from_logits(predictor(split.images), split.labels, trained.classes)
     if write_files:
         about = (f"{trained.description}; {name} split; the weights the run's reported accuracy "

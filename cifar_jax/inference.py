@@ -146,8 +146,6 @@ def load(workdir: str, model: Optional[str] = None, seed: Optional[int] = None) 
 
 
 def _load_grid(workdir: str, model: Optional[str], seed: Optional[int]) -> TrainedModel:
-    from cifar_jax import report
-
     config = ml_collections.ConfigDict(workdir_lib.read_json_object(
         os.path.join(workdir, "grid_config.json")))
     grid_models = list(dict.fromkeys(t.model for t in trials_lib.expand(config)))
@@ -155,7 +153,7 @@ def _load_grid(workdir: str, model: Optional[str], seed: Optional[int]) -> Train
         raise WorkdirError(f"{workdir} is a grid: pass --model NAME to use its selected "
                            f"configuration of that model ({', '.join(grid_models)}).")
     try:
-        selections = report.selected_in(workdir)
+        selections = trials_lib.selected_in(workdir)
     except FileNotFoundError as e:
         raise WorkdirError(f"{e} Run the grid to its end first.") from None
     if model not in selections:

@@ -79,11 +79,9 @@ def main(argv):
     if FLAGS.workdir is not None:
         cli.check_workdir_flag(FLAGS.workdir)
     if FLAGS.selected_from:
-        from cifar_jax import report
-
         if "grid" not in config:
             raise cli.UsageError("--selected_from needs a grid config (configs/grid.py).")
-        config = trials.restrict(config, report.selected_in(FLAGS.selected_from))
+        config = trials.restrict(config, trials.selected_in(FLAGS.selected_from))
     if "grid" in config:
         expanded = trials.expand(config)
         grid.validate(config, expanded)

@@ -170,7 +170,7 @@ def _evaluate_test(workdir: str, row, dataset) -> float:
     directory = os.path.join(workdir, row["trial"].relpath)
     trained = inference.load_run(directory, f"{row['model']}/{row['name']} of the grid in "
                                             f"{workdir}")
-    e = evaluation.evaluate_split(trained, dataset.test, "test")
+    e = evaluation.evaluate_split(trained, dataset.test, "test", inference.Predictor(trained))
     result = workdir_lib.read_result(directory)
     result.update(selected=True, test_accuracy=e.accuracy, test_loss=e.nll)
     workdir_lib.write_result(directory, result)
@@ -214,22 +214,6 @@ def best_configurations(workdir: str, config) -> Dict[str, Configuration]:
     """Per model whose grid trials have all finished, its selected configuration."""
     rows = collect(workdir, trials_lib.expand(config))
     return split_by_finished(configurations(rows), rows)[0]
-
-
-def selected_in(grid_workdir: str) -> Dict[str, Dict[str, Any]]:
-    """model -> the axis values of the configuration a finished grid's report selected."""
-    path = os.path.join(grid_workdir, "results.csv")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {grid_workdir!r} has no report yet.")
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("selected") == "True"]
-    if not rows:
-        raise workdir_lib.WorkdirError(f"{path} selects no configuration yet: a model is "
-                                       "selected once all of its grid trials have finished.")
-    try:
-        return {r["model"]: trials_lib.parse_name(r["name"]) for r in rows}
-    except (KeyError, ValueError) as e:
-        raise workdir_lib.WorkdirError(f"{path} is not a grid report ({e}).") from None
 
 
 def repeat_trials(config, best: Dict[str, Configuration]) -> List[Trial]:

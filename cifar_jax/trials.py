@@ -6,6 +6,7 @@ A trial is one model with one value per sweep axis. Its name lists those values
 taking its run lock, so each trial is run by exactly one of them.
 """
 
+import csv
 import dataclasses
 import itertools
 import os
@@ -305,3 +306,19 @@ def claim(grid_workdir: str, trial: Trial) -> Optional[workdir_lib.RunLock]:
     """The trial's run lock when this process gets it; None when a live process holds it."""
     lock = workdir_lib.RunLock(os.path.join(grid_workdir, trial.relpath))
     return lock if lock.try_acquire() else None
+
+
+def selected_in(grid_workdir: str) -> Dict[str, Dict[str, Any]]:
+    """model -> the axis values of the configuration a finished grid's report selected."""
+    path = os.path.join(grid_workdir, "results.csv")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {grid_workdir!r} has no report yet.")
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("selected") == "True"]
+    if not rows:
+        raise workdir_lib.WorkdirError(f"{path} selects no configuration yet: a model is "
+                                       "selected once all of its grid trials have finished.")
+    try:
+        return {r["model"]: parse_name(r["name"]) for r in rows}
+    except (KeyError, ValueError) as e:
+        raise workdir_lib.WorkdirError(f"{path} is not a grid report ({e}).") from None

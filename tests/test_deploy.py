@@ -36,7 +36,7 @@ def test_the_served_weights_are_the_ones_the_run_reported(trained):
     c, workdir, result, data = trained
     model = inference.load(workdir)
     assert model.tta_flip and model.classes == input_pipeline.CIFAR10_CLASSES
-    e = evaluation.evaluate_split(model, data.test, "test")
+    e = evaluation.evaluate_split(model, data.test, "test", inference.Predictor(model))
     assert e.accuracy == result["test_accuracy"] > 0.9
     assert e.nll == pytest.approx(result["test_loss"], rel=1e-4)
     out = os.path.join(workdir, "evaluation", "test")

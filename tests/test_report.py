@@ -211,7 +211,7 @@ def test_selection_waits_for_the_whole_grid_of_a_model(tmp_path):
         in summary and "1 trials still to finish" in summary
     assert "test_accuracy" not in workdir_lib.read_result(str(tmp_path / _trial(c, "sgd").relpath))
     with pytest.raises(workdir_lib.WorkdirError, match="selects no configuration yet"):
-        report.selected_in(str(tmp_path))
+        trials.selected_in(str(tmp_path))
     import subprocess
     import sys
     proc = subprocess.run([sys.executable, "-m", "cifar_jax.publish", "--out",
