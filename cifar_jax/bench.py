@@ -3,6 +3,7 @@
   python -m cifar_jax.bench --models resnet18,alexnet,mobilenetv2 --frameworks jax,torch
   python -m cifar_jax.bench --jax_variants steps,loop,loop_bf16 --pack_sizes 1,2,4,8 \
       --torch_variants eager,channels_last_amp,compile --precision tf32 --out bench.json
+  python -m cifar_jax.bench --models= --deploy runs/alexnet,runs/grid:resnet18  # deployment
 
 JAX variants: `steps` (one dispatch per step: the engine's CPU path and the pre-chunking
 engine), `loop` (a chunk of steps in one on-device loop), `loop_bf16` (the same in bfloat16);
@@ -31,7 +32,7 @@ from typing import Any, Dict, List
 import numpy as np
 from absl import flags, logging
 
-from cifar_jax import cli
+from cifar_jax import cli, deployment
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["resnet18", "alexnet", "mobilenetv2"], "Models to time.")
@@ -49,6 +50,9 @@ flags.DEFINE_enum("precision", "default", ["default", "tf32", "highest"],
                   "float32 matmul/convolution precision, set on both sides.")
 flags.DEFINE_bool("efficiency", False, "Also measure the study's efficiency table (JAX): "
                   "checkpoint size, inference latency at batch 1, throughput at batch 1024.")
+flags.DEFINE_list("deploy", [], "Trained models for the deployment table (cifar_jax/"
+                  "deployment.py): run workdirs, or GRID:MODEL for a grid's selected "
+                  "configuration; JAX, ONNX float32 and ONNX int8 each.")
 flags.DEFINE_string("out", None, "Write the full results as JSON here (default: print only).")
 
 JAX_VARIANTS = {"steps": ("float32", "host"), "loop": ("float32", "device"),
@@ -445,16 +449,18 @@ def main(argv):
             for variant in FLAGS.torch_variants:
                 logging.info("Timing PyTorch %s, %s ...", model, variant)
                 rows.append(bench_torch(model, variant, FLAGS.precision))
-    table = markdown_table(rows, info)
     efficiency = [efficiency_jax(m) for m in FLAGS.models] if FLAGS.efficiency else []
-    if efficiency:
-        table += "\n\n" + efficiency_table(efficiency)
+    deploy = [r for entry in FLAGS.deploy for r in deployment.measure(entry)]
+    table = "\n\n".join(part for part in (
+        markdown_table(rows, info) if rows else "",
+        efficiency_table(efficiency) if efficiency else "",
+        deployment.table(deploy) if deploy else "") if part)
     print(table)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump({"batch_size": FLAGS.batch_size, "chunk_steps": FLAGS.chunk_steps,
-                       "models": info, "rows": rows, "efficiency": efficiency, "table": table},
-                      f, indent=2)
+                       "models": info, "rows": rows, "efficiency": efficiency,
+                       "deployment": deploy, "table": table}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -132,10 +132,15 @@ def export_onnx(trained, path: str) -> None:
         quiet.setLevel(level)
 
 
+def onnx_session(path: str):
+    """An onnxruntime session of an exported ONNX file, on the CPU."""
+    ort = _need("onnxruntime")
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
 def onnx_logits(path: str, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits of an exported ONNX file under onnxruntime (CPU)."""
-    ort = _need("onnxruntime")
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     return np.concatenate([session.run(["logits"], {"images": images[i:i + batch_size]})[0]
                            for i in range(0, len(images), batch_size)])
 
