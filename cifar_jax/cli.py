@@ -27,6 +27,17 @@ class UsageError(Exception):
     """The command line is wrong; the message says how to fix it."""
 
 
+def define_trained_model_flags(what: str) -> None:
+    """--workdir, --model and --seed of the commands that use a trained model (predict,
+    evaluate, export: cifar_jax.inference.load)."""
+    flags.DEFINE_string("workdir", None, "A finished run's workdir, or a grid's (with --model).")
+    flags.DEFINE_string("model", None, f"Grid workdirs: the model whose selected configuration "
+                        f"to {what}.")
+    flags.DEFINE_integer("seed", None, "Grid workdirs: that configuration's trial with this "
+                         "seed (default 0).")
+    flags.mark_flag_as_required("workdir")
+
+
 def check_workdir_flag(workdir: str) -> None:
     """Refuses an empty --workdir (it would mean the current directory) or a flag in its place."""
     if not workdir.strip():

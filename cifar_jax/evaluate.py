@@ -36,16 +36,11 @@ def main(argv):
 
 def _define_flags() -> None:
     """Flags only when run as a program (main's --workdir would clash in one process)."""
-    flags.DEFINE_string("workdir", None, "A finished run's workdir, or a grid's (with --model).")
-    flags.DEFINE_string("model", None, "Grid workdirs: the model whose selected configuration "
-                        "to use.")
-    flags.DEFINE_integer("seed", None, "Grid workdirs: that configuration's trial with this "
-                         "seed (default 0).")
+    cli.define_trained_model_flags("evaluate")
     flags.DEFINE_enum("split", "test", ["test", "val"], "The split to evaluate.")
     flags.DEFINE_string("data", None, "Another copy of the run's data set (a "
                         "config.data.source value), where the recorded one cannot be read.")
     flags.DEFINE_integer("batch_size", 256, "Images per forward pass.", lower_bound=1)
-    flags.mark_flag_as_required("workdir")
 
 
 if __name__ == "__main__":

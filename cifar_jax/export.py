@@ -269,11 +269,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "A finished run's workdir, or a grid's (with --model).")
-    flags.DEFINE_string("model", None, "Grid workdirs: the model whose selected configuration "
-                        "to export.")
-    flags.DEFINE_integer("seed", None, "Grid workdirs: that configuration's trial with this "
-                         "seed (default 0).")
+    cli.define_trained_model_flags("export")
     flags.DEFINE_enum("format", None, list(FORMATS), "stablehlo, onnx or torch.")
     flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: onnxruntime static "
                       "quantization (onnx only).")
@@ -282,5 +278,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("data", None, "Another copy of the run's data set, where the recorded "
                         "one cannot be read (int8 calibration and accuracy).")
     flags.DEFINE_string("out", None, "The file to write.")
-    flags.mark_flags_as_required(["workdir", "format", "out"])
+    flags.mark_flags_as_required(["format", "out"])
     cli.run(main)

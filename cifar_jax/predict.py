@@ -159,17 +159,12 @@ def main(argv):
 
 def _define_flags() -> None:
     """Flags only when run as a program (main's --workdir would clash in one process)."""
-    flags.DEFINE_string("workdir", None, "A finished run's workdir, or a grid's (with --model).")
-    flags.DEFINE_string("model", None, "Grid workdirs: the model whose selected configuration "
-                        "to use.")
-    flags.DEFINE_integer("seed", None, "Grid workdirs: that configuration's trial with this "
-                         "seed (default 0).")
+    cli.define_trained_model_flags("use")
     flags.DEFINE_integer("top_k", 3, "Classes listed per image.", lower_bound=1)
     flags.DEFINE_string("out", None, "Also write the predictions to this .csv or .json file.")
     flags.DEFINE_enum("tta", "run", ["run", "flip", "none"], "Test-time augmentation: as the "
                       "run evaluated (run), the mean with the mirror image (flip), or none.")
     flags.DEFINE_integer("batch_size", 256, "Images per forward pass.", lower_bound=1)
-    flags.mark_flag_as_required("workdir")
 
 
 if __name__ == "__main__":
