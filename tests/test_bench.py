@@ -67,3 +67,18 @@ def test_bench_writes_nothing_unless_asked(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| torch | eager |" in proc.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_bad_flags_and_an_unwritable_out_are_refused_before_any_timing(tmp_path):
+    """Checks that cost nothing come before minutes of timing (on a rented GPU the measurement
+    would be lost): one line each, exit 2, no JAX started."""
+    cases = {("--out", str(tmp_path / "missing" / "b.json")): "the directory",
+             ("--out", str(tmp_path)): "is a directory; give a file name",
+             ("--windows", "0"): "--windows=0: expected a positive integer",
+             ("--batch_size", "0"): "--batch_size=0: expected a positive integer",
+             ("--chunk_steps", "0"): "--chunk_steps=0: expected a positive integer"}
+    for args, message in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "cifar_jax.bench", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr
+        assert message in proc.stderr and "Timing" not in proc.stderr

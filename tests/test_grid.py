@@ -345,6 +345,16 @@ def test_survivors_take_over_an_abandoned_trial_or_exit_1(tmp_path, monkeypatch,
            "(interrupted)" in caplog.text
 
 
+def test_a_data_dependent_refusal_is_said_once_before_any_trial(tmp_path):
+    c = _grid_config(models="alexnet", learning_rate="0.001,0.01")
+    c.batch_size = 128  # more than the 64 training images
+    with pytest.raises(config_checks.ConfigError) as e:
+        grid.run_grid(c, str(tmp_path))
+    assert str(e.value).count("batch_size=128 is larger than the 64 training images") == 1
+    assert "(2 of 2 trials: adam_lr0.001_wd1e-4_basic_do0.5, adam_lr0.01" in str(e.value)
+    assert not (tmp_path / "trials").exists()  # before the first trial
+
+
 def test_report_cli_aggregates_a_workdir(tmp_path):
     c = _grid_config(models="alexnet", learning_rate="0.001")
     assert grid.run_grid(c, str(tmp_path))
