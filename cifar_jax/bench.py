@@ -388,7 +388,8 @@ def markdown_table(rows: List[Dict[str, Any]], info: Dict[str, Dict[str, Any]]) 
     return "\n".join(lines)
 
 
-def _check_flags() -> None:
+def _check_flags() -> list:
+    """Refuses bad flags before any timing; returns the --deploy models, loaded."""
     for name, given, valid in (("frameworks", FLAGS.frameworks, ("jax", "torch")),
                                ("jax_variants", FLAGS.jax_variants, JAX_VARIANTS),
                                ("torch_variants", FLAGS.torch_variants, TORCH_VARIANTS)):
@@ -408,6 +409,7 @@ def _check_flags() -> None:
             raise cli.UsageError(f"--{name}={FLAGS[name].value}: expected a positive integer.")
     if FLAGS.out:
         _check_out(FLAGS.out)
+    return [deployment.resolve(entry) for entry in FLAGS.deploy]
 
 
 def _check_out(path: str) -> None:
@@ -429,7 +431,7 @@ def _check_out(path: str) -> None:
 
 def main(argv):
     del argv
-    _check_flags()
+    to_deploy = _check_flags()
     import jax
 
     # A fresh persistent compilation cache for this process: the first compile of each
@@ -450,7 +452,7 @@ def main(argv):
                 logging.info("Timing PyTorch %s, %s ...", model, variant)
                 rows.append(bench_torch(model, variant, FLAGS.precision))
     efficiency = [efficiency_jax(m) for m in FLAGS.models] if FLAGS.efficiency else []
-    deploy = [r for entry in FLAGS.deploy for r in deployment.measure(entry)]
+    deploy = [r for trained in to_deploy for r in deployment.measure(trained)]
     table = "\n\n".join(part for part in (
         markdown_table(rows, info) if rows else "",
         efficiency_table(efficiency) if efficiency else "",

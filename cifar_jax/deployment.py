@@ -34,25 +34,42 @@ def _timed(fn: Callable, calls: int) -> float:
 
 def _figures(name: str, path: str, logits: Callable[[np.ndarray], np.ndarray],
              test) -> Dict[str, Any]:
+    """`logits` takes a batch of any size and returns its logits."""
     one = test.images[:1]
     batch = np.resize(test.images, (THROUGHPUT_BATCH,) + test.images.shape[1:])
-    accuracy = float(np.mean(logits(test.images).argmax(1) == test.labels))
+    predicted = np.concatenate([logits(test.images[i:i + THROUGHPUT_BATCH]).argmax(1)
+                                for i in range(0, len(test.images), THROUGHPUT_BATCH)])
     return {"format": name, "file_mb": os.path.getsize(path) / 2**20,
             "latency_batch1_ms": 1000 * _timed(lambda: logits(one), LATENCY_CALLS),
             "throughput_batch256": THROUGHPUT_BATCH / _timed(lambda: logits(batch),
                                                              THROUGHPUT_CALLS),
-            "test_accuracy": accuracy}
+            "test_accuracy": float(np.mean(predicted == test.labels))}
 
 
-def measure(entry: str) -> List[Dict[str, Any]]:
-    """The three rows of one --deploy entry (a run's workdir, or GRID:MODEL)."""
+def resolve(entry: str):
+    """A --deploy entry (a run's workdir, or GRID:MODEL) -> the trained model, with every
+    refusal said before any timing."""
+    from cifar_jax import cli, inference
+
+    workdir, _, model = entry.partition(":")
+    try:
+        trained = inference.load(workdir, model or None)
+        trained.check_test_split_allowed()
+    except Exception as e:  # noqa: BLE001 - said in --deploy's terms, once
+        if type(e).__name__ not in ("WorkdirError", "CheckpointError"):
+            raise
+        raise cli.UsageError(f"--deploy entry {entry!r}: {e} (an entry is a run's workdir or "
+                             "GRID:MODEL)") from None
+    return trained
+
+
+def measure(trained) -> List[Dict[str, Any]]:
+    """The three rows of one trained model (see `resolve`)."""
     import jax
 
     from cifar_jax import export, inference
 
-    workdir, _, model = entry.partition(":")
-    trained = inference.load(workdir, model or None)
-    test = inference.load_split(trained, "test")
+    dataset = inference.load_dataset(trained)
     about = {"model": trained.config.model, "run": trained.description,
              "epochs": trained.config.num_epochs, "data": trained.config.data.source,
              "tta_flip": trained.tta_flip}
@@ -62,18 +79,18 @@ def measure(entry: str) -> List[Dict[str, Any]]:
         forward = jax.jit(trained.logits_fn())
         variables = jax.device_put(trained.variables)
         jax_logits = lambda x: np.asarray(forward(variables, x))  # noqa: E731
-        rows = [_figures("JAX (jit)", hlo, jax_logits, test)]
+        rows = [_figures("JAX (jit)", hlo, jax_logits, dataset.test)]
         export.export_onnx(trained, fp32)
-        calibration = inference.load_dataset(trained).train.images[:export.CALIBRATION_IMAGES]
-        export.quantize_int8(fp32, int8, calibration)
+        export.quantize_int8(fp32, int8, dataset.train.images[:export.CALIBRATION_IMAGES])
         for name, path in (("ONNX float32", fp32), ("ONNX int8", int8)):
             session = export.onnx_session(path)
             rows.append(_figures(name, path, lambda x, s=session: s.run(
-                ["logits"], {"images": x})[0], test))
+                ["logits"], {"images": x})[0], dataset.test))
     return [{**about, **r} for r in rows]
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
+    """The deployment table in markdown, with how each model was trained."""
     lines = ["| model | trained | format | file MB | latency, batch 1 (ms, median) | batch-256 "
              "img/s | test accuracy |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:

@@ -187,10 +187,10 @@ def write(e: Evaluation, images: np.ndarray, directory: str, title: str, about: 
     workdir_lib.write_text_atomic(os.path.join(directory, "summary.md"),
                                   summary_markdown(e, title, about))
     workdir_lib.write_text_atomic(os.path.join(directory, "per_class.csv"), per_class_csv(e))
-    for name, fig in (("confusion_matrix.png", confusion_figure(e)),
-                      ("reliability.png", reliability_figure(e)),
-                      ("mistakes.png", mistakes_figure(e, images))):
-        _save(fig, os.path.join(directory, name))
+    for name, figure in (("confusion_matrix.png", lambda: confusion_figure(e)),
+                         ("reliability.png", lambda: reliability_figure(e)),
+                         ("mistakes.png", lambda: mistakes_figure(e, images))):
+        _save(figure(), os.path.join(directory, name))  # one open figure at a time
 
 
 def _save(fig, path: str) -> None:
@@ -199,7 +199,8 @@ def _save(fig, path: str) -> None:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
     except OSError as e:
-        raise workdir_lib.write_error(os.path.dirname(path), e, what=f"write {path}") from e
+        raise workdir_lib.write_error(os.path.dirname(path), e, what=f"write {path}",
+                                      then="run the command again") from e
     finally:
         plt.close(fig)
 

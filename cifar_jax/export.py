@@ -73,10 +73,10 @@ def twin_module(trained):
     (normalisation and TTA inside), in eval mode on the CPU."""
     torch = _need("torch")
     from cifar_jax import augment
-    from cifar_jax.torch_twin import convert, models
+    from cifar_jax.torch_twin import models
 
     net = models.get_model(trained.config.model)
-    net.load_state_dict(convert.flax_to_torch(trained.variables))
+    net.load_state_dict(trained.torch_state)
 
     class Deployable(torch.nn.Module):
         def __init__(self):
@@ -98,10 +98,9 @@ def twin_module(trained):
 def export_torch(trained, path: str) -> None:
     torch = _need("torch")
     from cifar_jax import augment
-    from cifar_jax.torch_twin import convert
 
-    payload = {"model": trained.config.model, "state_dict": convert.flax_to_torch(
-        trained.variables), "classes": list(trained.classes), "tta_flip": trained.tta_flip,
+    payload = {"model": trained.config.model, "state_dict": trained.torch_state,
+               "classes": list(trained.classes), "tta_flip": trained.tta_flip,
         "mean": list(augment.CIFAR10_MEAN), "std": list(augment.CIFAR10_STD),
         "input": "float NCHW in [0, 1], normalised with mean/std"}
     with _atomic(path) as tmp:
@@ -225,6 +224,8 @@ def export(trained, fmt: str, path: str, quantize: str = "none", data: Optional[
     if not os.path.isdir(directory):
         raise cli.UsageError(f"--out={path!r}: the directory {directory} does not exist.")
     workdir.ensure_writable(directory, what=f"write {path}")
+    if quantize == "int8":  # its report includes the test accuracy
+        trained.check_test_split_allowed()
     dataset = inference.load_dataset(trained, data) if quantize == "int8" else None
     info: Dict[str, Any] = {"format": fmt, "path": path, "model": trained.description,
                             "tta_flip": trained.tta_flip}

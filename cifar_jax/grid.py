@@ -338,8 +338,6 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
                  "compilations: %s.", runner.done, len(runner.failed),
                  ", ".join(f"{m} {n}" for m, n in engine.compiles("train").items()) or "none")
     rows = report.write_report(workdir, config, dataset=dataset)["rows"]
-    # Trials that will not complete by rerunning alone (diverged, failed, damaged, or held
-    # by a process this host cannot check) make the exit status 1, in every process.
     # Trials that no live process is taking to the end (diverged, failed, damaged, abandoned by
     # a process that died, or held by a process this host cannot check) make the exit status
     # 1, in every process.

@@ -30,12 +30,13 @@ class TrainedModel:
     workdir: str  # the run directory the weights come from
     config: ml_collections.ConfigDict  # its stored config
     result: Dict[str, Any]  # its result.json
-    variables: Dict[str, Any]  # {'params', 'batch_stats'}: the weights it evaluated
+    weights: Dict[str, Any]  # JAX runs: Flax {'params', 'batch_stats'}; twin runs: state_dict
     description: str  # which run this is, and why it was chosen
+    grid_trial: str = ""  # a trial of a grid its report did not select: that grid's workdir
 
     @property
     def framework(self) -> str:
-        return self.result.get("framework", "jax")
+        return self.result.get("framework", self.config.get("framework", "jax"))
 
     @property
     def tta_flip(self) -> bool:
@@ -47,51 +48,125 @@ class TrainedModel:
 
     @property
     def model(self):
-        return models.get_model(self.config.model)
+        """The Flax model as the run evaluated it: its dtype and depthwise form."""
+        return models.get_model(self.config.model, self.config.get("depthwise", "auto"),
+                                dtype=jnp.dtype(self.config.get("dtype", "float32")))
+
+    @property
+    def precision(self) -> str:
+        return self.config.get("precision", "default")
+
+    @functools.cached_property
+    def variables(self) -> Dict[str, Any]:
+        """The Flax variables (a twin run's weights converted by torch_twin.convert)."""
+        if self.framework != "torch":
+            return self.weights
+        from cifar_jax.torch_twin import convert
+
+        template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), flax_template(
+            self.config.model))
+        try:
+            return convert.torch_to_flax(self.weights, template)
+        except (KeyError, ValueError) as e:
+            raise checkpointing.CheckpointError(
+                f"{self.workdir}/torch_best.pt does not fit a {self.config.model}: {e}") from e
+
+    @property
+    def torch_state(self) -> Dict[str, Any]:
+        """The weights as the PyTorch twin's state_dict."""
+        if self.framework == "torch":
+            return self.weights
+        from cifar_jax.torch_twin import convert
+
+        return convert.flax_to_torch(self.variables)
+
+    def check_test_split_allowed(self) -> None:
+        """The test split is for each model's selected configuration: refused for a grid's
+        trial that its report did not select."""
+        if self.grid_trial:
+            raise WorkdirError(
+                f"{self.workdir} is a trial of the grid in {self.grid_trial} that its report "
+                "did not select; the grid keeps the test split for each model's selected "
+                f"configuration. Use the validation split, or --workdir {self.grid_trial} "
+                f"--model {self.config.model}.")
 
     def logits_fn(self, tta_flip: Optional[bool] = None) -> Callable:
         """A pure function (variables, uint8 [N, 32, 32, 3]) -> float32 logits [N, classes]:
-        the training normalisation, the model in inference mode and, where the run (or
-        `tta_flip`) says so, the mean with the mirror image's logits."""
-        return logits_function(self.model, self.tta_flip if tta_flip is None else tta_flip)
+        the training normalisation, the model in inference mode at the run's precision and,
+        where the run (or `tta_flip`) says so, the mean with the mirror image's logits."""
+        return functools.partial(_logits, self.model, self.tta_flip if tta_flip is None
+                                 else tta_flip, self.precision)
 
 
-def logits_function(model, tta_flip: bool) -> Callable:
-    return functools.partial(_logits, model, tta_flip)
+def _logits(model, tta_flip: bool, precision: str, variables, images):
+    from cifar_jax.engine import PRECISIONS
 
-
-def _logits(model, tta_flip: bool, variables, images):
-    x = augment.normalize(images)
-    out = model.apply(variables, x, train=False)
-    if tta_flip:
-        out = 0.5 * (out + model.apply(variables, x[:, :, ::-1, :], train=False))
+    with jax.default_matmul_precision(PRECISIONS[precision]):
+        x = augment.normalize(images, model.dtype)
+        out = model.apply(variables, x, train=False)
+        if tta_flip:
+            out = 0.5 * (out + model.apply(variables, x[:, :, ::-1, :], train=False))
     return out
 
 
-# Compiled once per (model, TTA, batch shape): the trials of one model share it.
-_jitted_logits = jax.jit(_logits, static_argnums=(0, 1))
+# Compiled once per (model, TTA, precision, batch shape): the trials of one model share it.
+_jitted_logits = jax.jit(_logits, static_argnums=(0, 1, 2))
 
 
 class Predictor:
-    """Logits of many images in fixed-size batches (the last batch padded)."""
+    """Logits of many images in fixed-size batches (the last batch padded). A twin run's
+    logits come from the twin itself (PyTorch), as its own evaluation computes them."""
 
     def __init__(self, trained: TrainedModel, batch_size: int = 256,
                  tta_flip: Optional[bool] = None):
         self.batch_size = batch_size
-        self.model = trained.model
         self.tta_flip = trained.tta_flip if tta_flip is None else tta_flip
-        self.variables = jax.device_put(trained.variables)
+        if trained.framework == "torch":
+            self._batch = _twin_forward(trained, self.tta_flip)
+        else:
+            model, precision = trained.model, trained.precision
+            variables = jax.device_put(trained.variables)
+            self._batch = lambda x: np.asarray(_jitted_logits(  # noqa: E731
+                model, self.tta_flip, precision, variables, x))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = [np.zeros((0, 0), np.float32)]
+        out = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
             pad = self.batch_size - len(batch)
             if pad:
                 batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.uint8)])
-            logits = _jitted_logits(self.model, self.tta_flip, self.variables, batch)
-            out.append(np.asarray(logits)[:len(batch) - pad])
-        return np.concatenate(out[1:]) if len(out) > 1 else out[0]
+            out.append(self._batch(batch)[:len(batch) - pad])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _twin_forward(trained: TrainedModel, tta_flip: bool) -> Callable:
+    """uint8 NHWC images -> logits with the twin (the training normalisation, eval mode)."""
+    import torch
+
+    from cifar_jax.torch_twin import augment as twin_augment, train as twin_train
+
+    device = twin_train._device()
+    net = twin_train.build_model(trained.config).to(device)
+    net.load_state_dict(trained.weights)
+    net.eval()
+
+    @torch.no_grad()
+    def forward(images):
+        x = twin_augment.augment(images, "none", None).to(device)
+        logits = net(x).float()
+        if tta_flip:
+            logits = 0.5 * (logits + net(x.flip(3)).float())
+        return logits.cpu().numpy()
+
+    return forward
+
+
+def flax_template(model: str) -> Dict[str, Any]:
+    """The shapes of a model's {'params', 'batch_stats'} (nothing computed)."""
+    shapes = jax.eval_shape(lambda: models.get_model(model).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
 
 
 def load_dataset(trained: TrainedModel, source: Optional[str] = None) -> input_pipeline.Dataset:
@@ -117,6 +192,8 @@ def load_dataset(trained: TrainedModel, source: Optional[str] = None) -> input_p
 def load_split(trained: TrainedModel, split: str, source: Optional[str] = None
                ) -> input_pipeline.Split:
     """The run's 'test' or 'val' split (see `load_dataset`)."""
+    if split == "test":
+        trained.check_test_split_allowed()
     dataset = load_dataset(trained, source)
     chosen = dataset.val if split == "val" else dataset.test
     if chosen is None:
@@ -142,7 +219,10 @@ def load(workdir: str, model: Optional[str] = None, seed: Optional[int] = None) 
     if model is not None or seed is not None:
         raise WorkdirError(f"{workdir} is a single run, not a grid: --model and --seed choose "
                            "a trial of a grid's workdir; leave them out here.")
-    return load_run(workdir, f"the run in {workdir}")
+    grid = os.path.dirname(os.path.dirname(os.path.dirname(workdir)))
+    unselected = (os.path.exists(os.path.join(grid, "grid_config.json"))
+                  and not (workdir_lib.read_result(workdir) or {}).get("selected"))
+    return load_run(workdir, f"the run in {workdir}", grid if unselected else "")
 
 
 def _load_grid(workdir: str, model: Optional[str], seed: Optional[int]) -> TrainedModel:
@@ -174,7 +254,7 @@ def _load_grid(workdir: str, model: Optional[str], seed: Optional[int]) -> Train
                                 f"{config_name}, seed {values['seed']}")
 
 
-def load_run(directory: str, description: str) -> TrainedModel:
+def load_run(directory: str, description: str, grid_trial: str = "") -> TrainedModel:
     """The trained model of the finished run in `directory` (`description` says which)."""
     stored = workdir_lib.read_json_object(os.path.join(directory, "config.json"))
     if stored is None:
@@ -186,35 +266,59 @@ def load_run(directory: str, description: str) -> TrainedModel:
         raise WorkdirError(
             f"{directory} has not finished (status: {result.get('status', 'no result yet')}): "
             "run the command that started it again, to the end, then use it.")
+    if config.get("model") not in models.MODELS:
+        raise WorkdirError(f"{directory}/config.json names no model this version knows "
+                           f"({config.get('model')!r}).")
     framework = result.get("framework", config.get("framework", "jax"))
-    template = jax.eval_shape(lambda: models.get_model(config.model).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
-    template = {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
-    if framework == "torch":
-        variables = _twin_weights(directory, template)
+    weights = (_twin_weights(directory) if framework == "torch"
+               else _jax_weights(directory, config))
+    return TrainedModel(directory, config, result, weights,
+                        description + (" (PyTorch twin)" if framework == "torch" else ""),
+                        grid_trial)
+
+
+def _jax_weights(directory: str, config) -> Dict[str, Any]:
+    """The weights a completed JAX run kept (best_weights/: the EMA average where it kept
+    one), or its best epoch's checkpoint where it kept full checkpoints instead."""
+    template = flax_template(config.model)
+    ema = config.get("ema_decay", 0) > 0
+    kept = {**template, **({"ema": template} if ema else {})}
+    if os.path.isdir(os.path.join(directory, "best_weights")):
+        weights = checkpointing.load_weights(os.path.join(directory, "best_weights"), kept)
     else:
-        ema = config.get("ema_decay", 0) > 0
-        kept = checkpointing.load_weights(os.path.join(directory, "best_weights"),
-                                          {**template, **({"ema": template} if ema else {})})
-        variables = kept["ema"] if ema else {k: kept[k] for k in template}
-    return TrainedModel(directory, config, result, variables,
-                        description + (" (PyTorch twin)" if framework == "torch" else ""))
+        weights = _best_checkpoint_weights(directory, config, kept)
+    return weights["ema"] if ema else {k: weights[k] for k in template}
 
 
-def _twin_weights(directory: str, template: Dict[str, Any]) -> Dict[str, Any]:
-    """A twin run's best weights, converted into the Flax model's variables."""
+def _best_checkpoint_weights(directory: str, config, kept: Dict[str, Any]) -> Dict[str, Any]:
+    from cifar_jax import engine as engine_lib, train
+
+    if workdir_lib.latest_step_on_disk(directory) is None:
+        raise WorkdirError(f"{directory} keeps neither best_weights/ nor checkpoints: its "
+                           "trained weights are gone.")
+    programs = engine_lib.Engine().programs(engine_lib.static_spec(config, config.batch_size))
+    abstract = jax.eval_shape(lambda: programs.init_state(config))
+    ckpts = checkpointing.Checkpoints(directory, config.get("checkpoint_max_to_keep", 2))
+    try:
+        best = ckpts.restore_best(train._restore_template(abstract))
+    finally:
+        ckpts.close()
+    if best is None:
+        raise WorkdirError(f"{directory} has no best checkpoint to serve.")
+    state = best[1]["train_state"]
+    return {k: state[k] for k in kept}
+
+
+def _twin_weights(directory: str) -> Dict[str, Any]:
+    """A twin run's best weights (its state_dict)."""
     try:
         import torch
-
-        from cifar_jax.torch_twin import convert
     except ImportError as e:
         raise WorkdirError(f"{directory} is a run of the PyTorch twin; reading its weights "
                            f"needs PyTorch ({e}): pip install -e '.[torch]'.") from None
     path = os.path.join(directory, "torch_best.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise checkpointing.CheckpointError(
             f"{path} is unreadable ({checkpointing.error_summary(e)}).") from e
-    shapes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    return convert.torch_to_flax(state, shapes)

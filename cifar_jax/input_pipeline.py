@@ -284,11 +284,15 @@ def read_folder(path: str) -> Tuple[Split, Split, Tuple[str, ...]]:
             "test/<class>/*.png|jpg (optionally inside one top-level folder).")
     empty = [f"{split}/{c}" for split in ("train", "test") for c, names in
              sorted(tree[split].items()) if not names]
-    if empty:
+    full = {split: {c: names for c, names in tree[split].items() if names}
+            for split in ("train", "test")}
+    if empty and (len(full["train"]) != NUM_CLASSES or sorted(full["test"]) != sorted(
+            full["train"])):  # else folders without images beside the classes are passed over
         raise DataError(f"folder: {path!r}: the class folder{'s' if len(empty) > 1 else ''} "
                         f"{', '.join(empty)} hold{'' if len(empty) > 1 else 's'} no images "
                         f"({'/'.join(s.lstrip('.').upper() for s in _IMAGE_SUFFIXES)} files). "
                         "Every class needs images in train/ and in test/.")
+    tree = full
     classes = sorted(tree["train"])
     if len(classes) != NUM_CLASSES or sorted(tree["test"]) != classes:
         raise DataError(

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import sys
+import threading
 from typing import Sequence
 
 from absl import logging
@@ -64,35 +65,45 @@ class TracebackFilter(io.TextIOBase):
 
     tensorstore prints a traceback for each of its callbacks that finds orbax's event loop
     closed, after a failed checkpoint write or read: dozens of them, none telling more than the
-    one error line the run prints itself.
+    one error line the run prints itself. A block starts at one of HEADERS and ends at its
+    exception line; writes from several threads are serialised.
     """
 
-    HEADER = "Traceback (most recent call last):"
+    HEADERS = ("Traceback (most recent call last):", "Exception ignored in", "Exception in thread")
 
     def __init__(self, stream, noise: Sequence[str]):
         super().__init__()
         self.stream = stream
         self._noise = set(noise)
         self._held = None  # the text of a traceback in progress
+        self._lock = threading.RLock()
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, text: str) -> int:
-        if self._held is None and not text.startswith(self.HEADER):
-            return self.stream.write(text)
-        self._held = (self._held or "") + text
-        lines = self._held.split("\n")
-        for i, line in enumerate(lines[1:-1], 1):  # complete lines after the header
-            if line and not line[0].isspace():  # the exception line ends the traceback
-                block, rest = "\n".join(lines[:i + 1]) + "\n", "\n".join(lines[i + 1:])
-                self._held = None
-                if line.strip() not in self._noise:
-                    self.stream.write(block)
-                if rest:
-                    self.write(rest)
-                break
-        return len(text)
+        with self._lock:
+            if self._held is None and not text.startswith(self.HEADERS):
+                return self.stream.write(text)
+            self._held = (self._held or "") + text
+            lines = self._held.split("\n")
+            for i, line in enumerate(lines[1:-1], 1):  # complete lines after the first
+                if line and not line[0].isspace() and not line.startswith(self.HEADERS[0]):
+                    block, rest = "\n".join(lines[:i + 1]) + "\n", "\n".join(lines[i + 1:])
+                    self._held = None
+                    if line.strip() not in self._noise:
+                        self.stream.write(block)
+                    if rest:
+                        self.write(rest)
+                    break
+            return len(text)
 
     def flush(self) -> None:
-        self.stream.flush()
+        with self._lock:
+            if self._held:  # an unfinished block is shown rather than lost
+                self.stream.write(self._held)
+                self._held = None
+            self.stream.flush()
 
     def fileno(self) -> int:
         return self.stream.fileno()

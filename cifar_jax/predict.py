@@ -142,6 +142,13 @@ def main(argv):
                              "`python -m cifar_jax.predict --workdir runs/x photo.jpg`.")
     if f.out and not f.out.lower().endswith((".csv", ".json")):
         raise cli.UsageError(f"--out={f.out!r}: the suffix chooses the format, .csv or .json.")
+    if f.out:  # before the work, not after it
+        from cifar_jax import workdir
+
+        directory = os.path.dirname(os.path.abspath(f.out))
+        if not os.path.isdir(directory):
+            raise cli.UsageError(f"--out={f.out!r}: the directory {directory} does not exist.")
+        workdir.ensure_writable(directory, what=f"write {f.out}")
     cli.check_workdir_flag(f.workdir)
     trained = inference.load(f.workdir, f.model, f.seed)
     tta = None if f.tta == "run" else f.tta == "flip"

@@ -31,7 +31,7 @@ from absl import flags, logging
 from cifar_jax import cli, report, trials as trials_lib, workdir as workdir_lib
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ENTRY = re.compile(r"<!-- results:entry (study|other) (\S+) -->\n.*?<!-- results:entry-end -->\n",
+ENTRY = re.compile(r"<!-- results:entry (study|other) (.+?) -->\n.*?<!-- results:entry-end -->\n",
                    re.S)
 # The study's published best configuration per model, where this project records it.
 PUBLISHED_BEST_CONFIG = {"resnet18": "adam_lr0.001_wd1e-4_basic"}
@@ -305,12 +305,21 @@ def publish(out: str, jax_grid: str, torch_grid: Optional[str] = None,
     title = title or ("The study" if study else "A slice of the study")
     text = definition(s, device_text(log), len(torch_rows))
 
+    needed = [os.path.join(jax_grid, "summary.md")] + (
+        [os.path.join(recipe, n) for n in ("results.csv", "summary.md")] if recipe else [])
+    missing = [p for p in needed if not os.path.isfile(p)]
+    if missing:
+        raise cli.UsageError(f"{', '.join(missing)} not found: run the grid's report there "
+                             "first (python -m cifar_jax.report --workdir GRID).")
+    with open(needed[0]) as f:
+        summary = summary_markdown(title, text, jax_sel, torch_sel, f.read())
+    csv_text = combined_csv(jax_grid, torch_grid)
+
     os.makedirs(out, exist_ok=True)
     write = lambda name, content: workdir_lib.write_text_atomic(  # noqa: E731
         os.path.join(out, name), content)
-    write("results.csv", combined_csv(jax_grid, torch_grid))
-    with open(os.path.join(jax_grid, "summary.md")) as f:
-        write("summary.md", summary_markdown(title, text, jax_sel, torch_sel, f.read()))
+    write("results.csv", csv_text)
+    write("summary.md", summary)
     if os.path.isdir(os.path.join(jax_grid, "plots")):
         shutil.copytree(os.path.join(jax_grid, "plots"), os.path.join(out, "plots"),
                         dirs_exist_ok=True)

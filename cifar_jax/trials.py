@@ -179,7 +179,13 @@ def _combinations(axes, paired: Sequence[str], model: str):
     groups, together = [], [i for i, (a, _) in enumerate(axes) if a.grid_field in paired]
     if together:
         lengths = {a.grid_field: len(v) for a, v in (axes[i] for i in together)}
-        if len(together) != len(paired) or len(set(lengths.values())) > 1:
+        absent = [name for name in paired if name not in lengths]
+        if absent:
+            raise config_checks.ConfigError(
+                f"config.grid.paired_axes={','.join(paired)}: {model} has no "
+                f"{', '.join(absent)} axis to pair (e.g. dropout_rate is swept for "
+                "grid.dropout_models only).")
+        if len(set(lengths.values())) > 1:
             raise config_checks.ConfigError(
                 f"config.grid.paired_axes={','.join(paired)}: for {model} these axes need the "
                 f"same number of values to pair them; they have {lengths}.")

@@ -243,9 +243,11 @@ def os_error_of(error: BaseException) -> Tuple[Optional[int], str, Optional[str]
 
 
 def write_error(directory: str, error: BaseException, needed_bytes: int = 0,
-                what: str = "write") -> WriteError:
+                what: str = "write",
+                then: str = "run the same command again (a run resumes where it stopped)"
+                ) -> WriteError:
     """The one message for a failed write: where, the OS error as it is, advice that fits it
-    (and for a lack of space, the free space and the size needed)."""
+    (and for a lack of space, the free space and the size needed), and what to do `then`."""
     code, reason, path = os_error_of(error)
     details = [path] if path and path != directory else []
     if code in _SPACE_ERRORS or code is None:
@@ -259,7 +261,7 @@ def write_error(directory: str, error: BaseException, needed_bytes: int = 0,
         reason += f" ({'; '.join(details)})"
     advice = _WRITE_ADVICE.get(code, "fix the cause")
     return WriteError(f"Cannot {what} in {directory}: {reason}. Everything written before is "
-                      f"intact: {advice}, then run the same command to resume.")
+                      f"intact: {advice}, then {then}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,16 +330,19 @@ class RunLock:
                 self._unlock_directory()
                 return False
             self._take_over_from(self._read_info(self.path))
-        except BaseException:
+            info = {"host": socket.gethostname(), "pid": os.getpid(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            os.fsync(fd)
+        except BaseException as e:
             self._unlock_directory()
             if "fd" in locals() and fd is not None:
                 os.close(fd)
+            if isinstance(e, OSError):
+                raise write_error(self.directory, e, what=f"write the lock file {self.path}") \
+                    from e
             raise
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        os.fsync(fd)
         self._fd = fd
         return True
 

@@ -86,6 +86,25 @@ def test_trial_names_and_overrides():
     assert ("resnet18", "adam_lr0.01_wd1e-4_basic_seed1") in names
 
 
+def test_paired_axes_step_together():
+    c = _grid_config(models="alexnet,resnet18", optimizer="sgd,adam",
+                     learning_rate="0.01,0.001", augmentation="basic,advanced",
+                     paired_axes="optimizer,learning_rate")
+    names = [t.name for t in trials.expand(c) if t.model == "resnet18"]
+    assert names == ["sgd_lr0.01_wd1e-4_basic", "sgd_lr0.01_wd1e-4_advanced",
+                     "adam_lr0.001_wd1e-4_basic", "adam_lr0.001_wd1e-4_advanced"]
+    c.grid.learning_rate = "0.01,0.001,0.1"
+    with pytest.raises(config_checks.ConfigError, match="same number of values"):
+        trials.expand(c)
+    c.grid.learning_rate, c.grid.paired_axes = "0.01,0.001", "optimizer,dropout_rate"
+    c.grid.dropout_rate = "0.3,0.5"  # alexnet pairs them; resnet18 sweeps no dropout
+    with pytest.raises(config_checks.ConfigError, match="resnet18 has no dropout_rate axis"):
+        trials.expand(c)
+    c.grid.paired_axes = "optimizer,lr"
+    with pytest.raises(config_checks.ConfigError, match="no axis 'lr'"):
+        trials.expand(c)
+
+
 def test_trial_names_are_lossless_and_duplicates_merge(caplog):
     values = [1e-4, 1.2e-4, 0.00012000001, 5e-4, 0.001, 0.0015, 0.01, 0.3, 1e4, 2.5e-7, 0.1 + 0.2]
     names = [trials.format_number(v) for v in values]

@@ -134,6 +134,11 @@ def test_empty_class_folder_is_named_as_empty(tmp_path, archive):
             tar.add(root, arcname="data")
     with pytest.raises(DataError, match=r"the class folder train/cat holds no images \(PNG/JPG/"):
         ip.load_folder(source)
+    if not archive:  # beside ten classes with images, a folder without any is passed over
+        _write_tree(str(root), per_class=(1, 1))
+        (root / "train" / "_meta").mkdir()
+        (root / "train" / "_meta" / "labels.csv").write_text("x")
+        assert len(ip.load_folder(source)[0]) == 10
 
 
 def test_unreadable_image_is_named(tmp_path):

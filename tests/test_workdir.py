@@ -85,8 +85,8 @@ def test_write_errors_name_the_os_error_with_advice_that_fits(monkeypatch, code,
     for error in errors:
         message = str(workdir_lib.write_error("/w", error, 2 << 20, "save a checkpoint"))
         assert re.fullmatch(rf"Cannot save a checkpoint in /w: {reason}\. Everything written "
-                            rf"before is intact: {advice}.*, then run the same command to "
-                            r"resume\.", message), message
+                            rf"before is intact: {advice}.*, then run the same command again "
+                            r"\(a run resumes where it stopped\)\.", message), message
 
 
 def test_second_process_on_a_busy_run_workdir_exits_2(tmp_path):
