@@ -55,8 +55,12 @@ flags.DEFINE_list("deploy", [], "Trained models for the deployment table (cifar_
                   "configuration; JAX, ONNX float32 and ONNX int8 each.")
 flags.DEFINE_string("out", None, "Write the full results as JSON here (default: print only).")
 
-JAX_VARIANTS = {"steps": ("float32", "host"), "loop": ("float32", "device"),
-                "loop_bf16": ("bfloat16", "device")}
+JAX_VARIANTS = {  # (dtype, step_loop, depthwise form: config.depthwise)
+    "steps": ("float32", "host", "auto"), "loop": ("float32", "device", "auto"),
+    "loop_bf16": ("bfloat16", "device", "auto"),
+    # The two depthwise forms side by side (MobileNetV2; the other models have none).
+    "steps_grouped": ("float32", "host", "grouped"), "steps_shifts": ("float32", "host", "shifts"),
+    "loop_grouped": ("float32", "device", "grouped"), "loop_shifts": ("float32", "device", "shifts")}
 TORCH_VARIANTS = {  # (channels_last, amp (bf16 autocast), torch.compile mode or None)
     "eager": (False, False, None), "channels_last": (True, False, None),
     "amp": (False, True, None), "channels_last_amp": (True, True, None),
@@ -107,12 +111,12 @@ def _median_rate(run, images: int, windows: int) -> float:
     return images / statistics.median(times)
 
 
-def _jax_config(model: str, dtype: str, step_loop: str, precision: str):
+def _jax_config(model: str, variant: str, precision: str):
     from configs import default
 
     config = default.get_config()
-    config.model, config.dtype, config.step_loop, config.precision = (model, dtype, step_loop,
-                                                                      precision)
+    config.dtype, config.step_loop, config.depthwise = JAX_VARIANTS[variant]
+    config.model, config.precision = model, precision
     config.data.augmentation = "basic"
     config.batch_size, config.eval_batch_size = FLAGS.batch_size, FLAGS.eval_batch_size
     return config
@@ -124,8 +128,7 @@ def bench_jax(model: str, variant: str, pack_size: int, precision: str) -> Dict[
 
     from cifar_jax import engine as engine_lib
 
-    dtype, step_loop = JAX_VARIANTS[variant]
-    config = _jax_config(model, dtype, step_loop, precision)
+    config = _jax_config(model, variant, precision)
     n = FLAGS.batch_size * FLAGS.chunk_steps
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
@@ -160,7 +163,7 @@ def bench_jax(model: str, variant: str, pack_size: int, precision: str) -> Dict[
     rate = _median_rate(chunk, pack_size * n, FLAGS.windows)
     eval_rate, eval_images = _jax_eval_rate(programs, states, pack_size)
     stats = jax.devices()[0].memory_stats() or {}  # None on the CPU
-    return {"framework": "jax", "model": model, "variant": variant, "dtype": dtype,
+    return {"framework": "jax", "model": model, "variant": variant, "dtype": config.dtype,
             "precision": precision, "pack_size": pack_size, "train_images_per_s": rate,
             "first_step_cold_s": cold, "first_step_warm_s": warm,
             "eval_images_per_s": eval_rate, "eval_images": eval_images,

@@ -11,6 +11,11 @@
 #   bench   the speed table: JAX variants and pack sizes against PyTorch's fastest settings
 #   profile why bfloat16 did not pay: ResNet-18's step in float32 and bfloat16, timed, with
 #           the compiled programs' op census (converts, layout copies, convolution types)
+#   depthwise  MobileNetV2's depthwise forms on the GPU (grouped convolution vs shifted
+#           multiply-adds, float32 and in the on-device loop): which one config.depthwise=auto
+#           should pick there
+#   deploy  the deployment table (JAX, ONNX float32, ONNX int8) of the study's selected models
+#           (needs the study's grid under $RUNS/grid)
 #
 # Runs go to $RUNS (default .device/runs, ignored by git, so a later call can carry what it
 # needs). Everything a report needs, and nothing else (no checkpoints, no weights), is packed
@@ -55,10 +60,19 @@ case "$PHASE" in
       --pack_sizes "${PACK_SIZES:-1,4,8}" --precision tf32 \
       --torch_variants "${TORCH_VARIANTS:-eager,channels_last_amp,compile,compile_amp,reduce_overhead,reduce_overhead_amp}" \
       --out "$OUT/bench.json" ;;
+  depthwise)
+    run depthwise "$LOG" python3 -m cifar_jax.bench --models mobilenetv2 --frameworks jax \
+      --jax_variants loop_grouped,loop_shifts,steps_grouped,steps_shifts --precision tf32 \
+      --out "$OUT/depthwise.json" ;;
+  deploy)
+    run deploy "$LOG" python3 -m cifar_jax.bench --models= \
+      --deploy "$RUNS/grid:resnet18,$RUNS/grid:alexnet,$RUNS/grid:mobilenetv2" \
+      --out "$OUT/deploy.json" ;;
   profile)
     run profile "$LOG" python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \
       --batch_size 128 --hlo_dir "$RUNS/profile" ;;
-  *) echo "unknown phase $PHASE (study, twin, recipe, bench, profile)" >&2; exit 2 ;;
+  *) echo "unknown phase $PHASE (study, twin, recipe, bench, profile, depthwise, deploy)" >&2
+     exit 2 ;;
 esac
 rc=$?
 # What the report needs: per trial result.json, metrics.jsonl, config.json; the report's files.
