@@ -22,6 +22,7 @@ import csv
 import io
 import os
 import re
+import shlex
 import shutil
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -165,7 +166,8 @@ def reproduce_markdown(run_log: Dict[str, Any], publish_command: str) -> str:
              f"Machine: {run_log.get('machine', 'not recorded')}", "", "Versions:", ""]
     lines += [f"- {k}: {v}" for k, v in sorted(run_log.get("versions", {}).items())]
     lines += ["", "Commands, in order (each resumes where it stopped when run again):", "",
-              "```bash", *run_log.get("commands", []), publish_command, "```", "",
+              "```bash", *[c for c in run_log.get("commands", [])  # earlier publishing: ours
+                           if "cifar_jax.publish" not in c], publish_command, "```", "",
               "Wall times (each phase's total over its runs):", ""]
     walls = run_log.get("wall_times", {})
     lines += [f"- {k}: {v:.0f} s ({v / 60:.1f} min)" for k, v in walls.items()]
@@ -269,7 +271,7 @@ def _read_input(path: Optional[str], kind: type, what: str):
 def publish(out: str, jax_grid: str, torch_grid: Optional[str] = None,
             recipe: Optional[str] = None, bench: Optional[str] = None,
             run_log: Optional[str] = None, title: Optional[str] = None,
-            readme: Optional[str] = None, command: str = "") -> None:
+            readme: Optional[str] = None, command: str = "", note: str = "") -> None:
     """Everything the module docstring says; every input is checked before anything is
     written."""
     bench_data = _read_input(bench, dict, "bench")
@@ -303,7 +305,7 @@ def publish(out: str, jax_grid: str, torch_grid: Optional[str] = None,
     s = shape(grid_config)
     study = is_study(s)
     title = title or ("The study" if study else "A slice of the study")
-    text = definition(s, device_text(log), len(torch_rows))
+    text = definition(s, device_text(log), len(torch_rows)) + (f" {note}" if note else "")
 
     needed = [os.path.join(jax_grid, "summary.md")] + (
         [os.path.join(recipe, n) for n in ("results.csv", "summary.md")] if recipe else [])
@@ -354,6 +356,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("title", None, "The heading of this publication's README entry "
                         "(default: 'The study' for the full grid, else 'A slice of the study').")
     flags.DEFINE_string("readme", None, "README.md whose Results section gets this entry.")
+    flags.DEFINE_string("note", "", "A sentence added to what was run (e.g. how the wall times "
+                        "were measured), in summary.md and the README entry.")
     flags.mark_flags_as_required(["out", "jax_grid"])
 
 
@@ -361,7 +365,8 @@ def main(argv):
     del argv
     f = flags.FLAGS
     publish(f.out, f.jax_grid, f.torch_grid, f.recipe, f.bench, f.run_log, f.title, f.readme,
-            command=" ".join(["python3 -m cifar_jax.publish", *sys.argv[1:]]))
+            command=shlex.join(["python3", "-m", "cifar_jax.publish", *sys.argv[1:]]),
+            note=f.note)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 # About an hour on a 2-core CPU. Every phase resumes: stop it (Ctrl-C, SIGTERM) and run the same
 # command again. Runs go to $RUNS (default runs/); logs and run_log.json (commands, versions,
 # machine, wall times: REPRODUCE.md) to $OUT (default runs/cpu_slice_log). The data:
-# $DATA (default ../shared/data/cifar10-jpeg.tar.gz, the JPEG copy of CIFAR-10).
+# $DATA (default ../shared/data/cifar10-jpeg.tar.gz, the JPEG copy of CIFAR-10). $NOTE, if
+# set, is a sentence the publication adds (e.g. how the wall times were measured).
 set -uo pipefail
 PHASE=${1:-all}
 [ $# -gt 0 ] && shift
@@ -40,7 +41,7 @@ twin() {
 publish() {
   run publish "$LOG" python3 -m cifar_jax.publish --out "$RESULTS" \
     --jax_grid "$RUNS/cpu_slice" --torch_grid "$RUNS/cpu_slice_torch" --run_log "$LOG" \
-    --title "A CPU slice of the study" --readme README.md
+    --title "A CPU slice of the study" --readme README.md ${NOTE:+--note "$NOTE"}
 }
 
 case "$PHASE" in

@@ -8,9 +8,10 @@ run() {
   local start; start=$(date +%s.%N)
   "$@" 2>&1 | tee -a "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
-  python3 - "$log_json" "$name" "$start" "$rc" "$*" <<'PY'
+  python3 - "$log_json" "$name" "$start" "$rc" "$(printf '%q ' "$@")" <<'PY'
 import json, os, platform, sys, time
 path, name, start, rc, command = sys.argv[1:]
+command = command.strip()
 log = json.load(open(path)) if os.path.exists(path) else {"commands": [], "wall_times": {}}
 if command not in log["commands"]:  # a resumed phase runs the same command again
     log["commands"].append(command)
