@@ -114,3 +114,22 @@ def test_orbax_tracebacks_of_a_failed_write_are_left_to_the_one_error_line():
                                ValueError("a bug")))  # anything else still shows
     assert quiet.filter(record("/work/cifar_jax/train.py", py_logging.ERROR,
                                "No space left on device"))  # our own lines always show
+
+
+def test_xla_cpu_defaults_keep_the_users_own_and_take_effect():
+    """Importing cifar_jax turns YNNPACK's convolutions off in XLA:CPU (see xla_flags.py),
+    keeping a user's own setting of the flag."""
+    import jax
+    import jax.numpy as jnp
+
+    from cifar_jax import xla_flags
+
+    ours = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    assert xla_flags.with_cpu_defaults("--a=1") == f"--a=1 {ours}"
+    own = "--xla_cpu_experimental_ynn_fusion_type= --a=1"
+    assert xla_flags.with_cpu_defaults(own) == own
+    assert ours in os.environ["XLA_FLAGS"]  # this process imported cifar_jax before JAX started
+    conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    hlo = conv.lower(jnp.ones((8, 16, 16, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
+    assert "convolution" in hlo and "ynn" not in hlo  # YNNPACK takes this one by default
