@@ -11,6 +11,9 @@ import pytest
 from cifar_jax import engine, input_pipeline, train
 
 
+pytestmark = pytest.mark.xdist_group("engine")  # one worker: the compiled programs are shared
+
+
 @pytest.fixture(scope="module")
 def shared_engine():
     return engine.Engine()

@@ -80,6 +80,7 @@ def reference_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.xdist_group("reference_run")  # one worker runs the reference once
 def test_same_seed_gives_identical_metrics_in_two_processes(reference_run, tmp_path):
     proc = _run_cli(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,6 +89,7 @@ def test_same_seed_gives_identical_metrics_in_two_processes(reference_run, tmp_p
     # (That a different seed changes them is checked in-process: test_engine.)
 
 
+@pytest.mark.xdist_group("reference_run")  # one worker runs the reference once
 @pytest.mark.parametrize("sig,times", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
 def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig, times):
     """SIGTERM, or Ctrl-C twice (the second while the run stops and saves): one checkpoint
@@ -122,6 +124,7 @@ def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig,
     assert _result(workdir) == _result(reference_run)
 
 
+@pytest.mark.xdist_group("reference_run")  # one worker runs the reference once
 def test_kill_during_save_keeps_previous_checkpoint(reference_run, tmp_path):
     proc = subprocess.Popen(_cli(tmp_path), cwd=ROOT, stderr=subprocess.DEVNULL, env=_env())
     killed_during_save = False
@@ -187,7 +190,9 @@ def test_a_workdir_turned_unwritable_mid_run_ends_at_once_with_the_real_cause(tm
 # In-process tests on the tiny config (8 steps per epoch).
 
 
-@pytest.mark.parametrize("model", ["alexnet", "mobilenetv2", "resnet18"])
+# The state a resume must restore beyond parameters and optimizer: dropout's keys (AlexNet) and
+# BatchNorm's statistics (ResNet-18); MobileNetV2 has nothing of its own.
+@pytest.mark.parametrize("model", ["alexnet", "resnet18"])
 def test_resume_at_boundaries_is_bit_exact(tiny_config, tmp_path, model):
     tiny_config.model = model
     if model != "alexnet":  # heavy on the CPU: 2 steps per epoch
