@@ -2,8 +2,8 @@
 
 XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default, and on this project's training
 steps that is the slow path: on a 2-core x86 CPU (batch 64, one step per dispatch), ResNet-18
-trains at 10 images/s with it and 31 without, MobileNetV2 at 22 and 32, AlexNet at 115 and 160.
-So YNNPACK keeps the matrix products and XLA's own (Eigen) kernels take the convolutions. The
+trains at 10 images/s with it and 31 without, MobileNetV2 at 22 and 32, AlexNet at 115 and
+153-167. So YNNPACK keeps the matrix products and XLA's own (Eigen) kernels take the convolutions. The
 flag only concerns XLA:CPU; a user's own `--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS
 is kept as it is.
 """
