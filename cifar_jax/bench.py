@@ -22,7 +22,6 @@ allocated), and the projected wall time of the model's share of the study's grid
 (configs/grid.py). The JSON (`--out`) holds every number.
 """
 
-import json
 import os
 import statistics
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any, Dict, List
 import numpy as np
 from absl import flags, logging
 
-from cifar_jax import cli, deployment
+from cifar_jax import cli, deployment, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["resnet18", "alexnet", "mobilenetv2"], "Models to time.")
@@ -263,17 +262,20 @@ def bench_torch(model: str, variant: str, precision: str) -> Dict[str, Any]:
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
 
-def study_shape() -> Dict[str, Any]:
-    """From configs/grid.py: trials per model, epochs, training and validation images."""
+def study_shape(config=None) -> Dict[str, Any]:
+    """From `config` (default configs/grid.py): trials per model, epochs, training and
+    validation images."""
     import collections
 
     from cifar_jax import trials
     from configs import grid
 
-    config = grid.get_config()
+    config = config or grid.get_config()
+    images = (config.data.synthetic_train_size if config.data.source == "synthetic"
+              else CIFAR10_TRAIN_IMAGES)
     return {"trials": collections.Counter(t.model for t in trials.expand(config)),
             "epochs": config.num_epochs, "val": config.data.val_size,
-            "train": CIFAR10_TRAIN_IMAGES - config.data.val_size}
+            "train": images - config.data.val_size}
 
 
 def projected_grid_seconds(row: Dict[str, Any], study: Dict[str, Any]) -> float:
@@ -417,8 +419,6 @@ def _check_flags() -> list:
 
 def _check_out(path: str) -> None:
     """--out must be writable before minutes of timing (on a rented GPU, they would be lost)."""
-    from cifar_jax import workdir
-
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise cli.UsageError(f"--out={path!r} is a directory; give a file name, e.g. "
@@ -427,8 +427,8 @@ def _check_out(path: str) -> None:
         raise cli.UsageError(f"--out={path!r}: the directory {directory} does not exist; "
                              "create it first (or write elsewhere).")
     try:
-        workdir.ensure_writable(directory, what=f"write --out={path}")
-    except workdir.WorkdirError as e:
+        workdir_lib.ensure_writable(directory, what=f"write --out={path}")
+    except workdir_lib.WorkdirError as e:
         raise cli.UsageError(str(e).split(". Everything written before")[0] + ".") from None
 
 
@@ -450,10 +450,12 @@ def main(argv):
                 for k in map(int, FLAGS.pack_sizes):
                     logging.info("Timing JAX %s, %s, pack of %d ...", model, variant, k)
                     rows.append(bench_jax(model, variant, k, FLAGS.precision))
+                    write_out(info, rows)
         if "torch" in FLAGS.frameworks:
             for variant in FLAGS.torch_variants:
                 logging.info("Timing PyTorch %s, %s ...", model, variant)
                 rows.append(bench_torch(model, variant, FLAGS.precision))
+                write_out(info, rows)
     efficiency = [efficiency_jax(m) for m in FLAGS.models] if FLAGS.efficiency else []
     deploy = [r for trained in to_deploy for r in deployment.measure(trained)]
     table = "\n\n".join(part for part in (
@@ -461,12 +463,17 @@ def main(argv):
         efficiency_table(efficiency) if efficiency else "",
         deployment.table(deploy) if deploy else "") if part)
     print(table)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump({"batch_size": FLAGS.batch_size, "chunk_steps": FLAGS.chunk_steps,
-                       "models": info, "rows": rows, "efficiency": efficiency,
-                       "deployment": deploy, "table": table}, f, indent=2)
+    write_out(info, rows, efficiency, deploy, table)
 
+
+def write_out(info, rows, efficiency=(), deploy=(), table=None) -> None:
+    """--out, rewritten atomically after every measurement: a bench stopped by a time limit
+    (a rented GPU's) keeps the rows it finished; `table` is None until the end."""
+    if FLAGS.out:
+        workdir_lib.write_json_atomic(FLAGS.out, {
+            "batch_size": FLAGS.batch_size, "chunk_steps": FLAGS.chunk_steps, "models": info,
+            "rows": rows, "efficiency": list(efficiency), "deployment": list(deploy),
+            "table": table if table is not None else markdown_table(rows, info)})
 
 if __name__ == "__main__":
     cli.run(main)

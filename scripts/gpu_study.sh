@@ -3,6 +3,8 @@
 #
 #   scripts/gpu_study.sh PHASE OUT_DIR DATA_SOURCE [--config.FIELD=VALUE ...]
 #
+#   preflight  a minute that proves the image before the long phases: the imports and versions,
+#           the devices, and configs/smoke.py (synthetic data) trained on the GPU
 #   study   the JAX grid (configs/grid.py; narrow it with --config.grid.models=...), then each
 #           model's selected configuration again with seeds 1 and 2
 #   twin    the PyTorch twin on the JAX grid's selected configurations, seeds 0, 1, 2
@@ -19,7 +21,7 @@
 #
 # Runs go to $RUNS (default .device/runs, ignored by git, so a later call can carry what it
 # needs). Everything a report needs, and nothing else (no checkpoints, no weights), is packed
-# into OUT_DIR/results.tar.gz; OUT_DIR/run_log.json records the commands, package versions,
+# into OUT_DIR/results.tar.gz (or $PACK); OUT_DIR/run_log.json records the commands, package versions,
 # device and wall times that `python -m cifar_jax.publish --run_log` turns into REPRODUCE.md.
 # Images with JAX, flax, optax and orbax but without clu, ml_collections or dm-pix take them as
 # pure-Python wheels from .whl/: scripts/prepare_device.sh puts them there, with the data in
@@ -44,6 +46,13 @@ source scripts/run_log.sh
 LOG="$OUT/run_log.json"
 
 case "$PHASE" in
+  preflight)
+    run preflight "$LOG" python3 -c "import cifar_jax, flax, jax, optax, orbax.checkpoint, \
+clu, ml_collections, dm_pix, os; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, 'orbax', orbax.checkpoint.__version__); print(jax.devices()); \
+print('XLA_FLAGS', os.environ.get('XLA_FLAGS'))" &&
+    run preflight "$LOG" python3 -m cifar_jax.main --config configs/smoke.py \
+      --workdir "$RUNS/smoke" --config.compilation_cache_dir="$RUNS/xla_cache" ;;
   study)
     run study "$LOG" python3 -m cifar_jax.main --config configs/grid.py --workdir "$RUNS/grid" \
       --config.grid.repeat_selected_seeds=1,2 "${COMMON[@]}" ;;
@@ -59,7 +68,7 @@ case "$PHASE" in
       --frameworks jax,torch --jax_variants "${JAX_VARIANTS:-steps,loop,loop_bf16}" \
       --pack_sizes "${PACK_SIZES:-1,4,8}" --precision tf32 \
       --torch_variants "${TORCH_VARIANTS:-eager,channels_last_amp,compile,compile_amp,reduce_overhead,reduce_overhead_amp}" \
-      --out "$OUT/bench.json" ;;
+      --out "$OUT/bench.json" ${BENCH_FLAGS:-} ;;
   depthwise)
     run depthwise "$LOG" python3 -m cifar_jax.bench --models mobilenetv2 --frameworks jax \
       --jax_variants loop_grouped,loop_shifts,steps_grouped,steps_shifts --precision tf32 \
@@ -71,14 +80,11 @@ case "$PHASE" in
   profile)
     run profile "$LOG" python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \
       --batch_size 128 --hlo_dir "$RUNS/profile" ;;
-  *) echo "unknown phase $PHASE (study, twin, recipe, bench, profile, depthwise, deploy)" >&2
+  *) echo "unknown phase $PHASE (preflight, study, twin, recipe, bench, profile, depthwise, deploy)" >&2
      exit 2 ;;
 esac
 rc=$?
-# What the report needs: per trial result.json, metrics.jsonl, config.json; the report's files.
-(cd "$RUNS" && find . \( -name checkpoints -o -name best_weights -o -name xla_cache \) -prune \
-   -o \( -name result.json -o -name metrics.jsonl -o -name config.json -o -name grid_config.json \
-   -o -name results.csv -o -name summary.md -o -name '*.png' -o -name '*.hlo.txt' \) -print \
-   | tar czf "$(cd - >/dev/null && cd "$OUT" && pwd)/results.tar.gz" -T -)
-echo "phase $PHASE: exit $rc; $(du -h "$OUT/results.tar.gz" | cut -f1) packed into $OUT/results.tar.gz"
+PACK=${PACK:-$OUT/results.tar.gz}
+pack_results "$RUNS" "$PACK"
+echo "phase $PHASE: exit $rc; $(du -h "$PACK" | cut -f1) packed into $PACK"
 exit "$rc"

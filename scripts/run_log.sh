@@ -1,4 +1,4 @@
-# Sourced by scripts/gpu_study.sh and scripts/cpu_slice.sh:
+# Sourced by scripts/gpu_study.sh, scripts/gpu_sitting.sh and scripts/cpu_slice.sh:
 #   run NAME LOG_JSON COMMAND...
 # runs COMMAND, appends its output to $OUT/NAME.log, and records in LOG_JSON the command, its
 # wall time and exit code, the package versions, the device and the machine, which
@@ -42,4 +42,15 @@ log["versions"] = versions
 json.dump(log, open(path, "w"), indent=2)
 PY
   return "$rc"
+}
+
+# pack_results RUNS TAR: what the reports need from the runs under RUNS, and nothing else (no
+# checkpoints, no weights, no compilation cache): each trial's result.json, metrics.jsonl and
+# config.json, the grids' configs, tables, summaries and plots, HLO dumps.
+pack_results() {
+  local runs=$1 tar; tar="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"
+  (cd "$runs" && find . \( -name checkpoints -o -name best_weights -o -name xla_cache \) -prune \
+     -o \( -name result.json -o -name metrics.jsonl -o -name config.json -o -name grid_config.json \
+     -o -name results.csv -o -name summary.md -o -name '*.png' -o -name '*.hlo.txt' \) -print \
+     | tar czf "$tar" -T -)
 }
