@@ -30,6 +30,13 @@ PACK_SIZES = {
     # 291 s as one pack of 8 against 108 s one at a time: XLA:CPU runs the vmapped (grouped)
     # convolutions slowly, so the CPU trains one trial at a time.
     ("cpu", "alexnet"): 1,
+    # 2026-11-30, one H200 (cifar_jax.bench, batch 128, on-device loop, TF32): AlexNet trains
+    # 99,308 images/s one trial at a time and 107,360 in packs of 4 (evaluation 0.74M vs 1.03M);
+    # ResNet-18 23,950 vs 10,642: its vmapped convolutions become grouped ones, slower in cuDNN.
+    # MobileNetV2 (already grouped, depthwise) one at a time until a pack is measured.
+    ("nvidia h200", "alexnet"): 4,
+    ("nvidia h200", "resnet18"): 1,
+    ("nvidia h200", "mobilenetv2"): 1,
 }
 
 

@@ -18,8 +18,10 @@ first; publishing a folder again replaces its own entry only. The numbers in the
 never typed by hand.
 """
 
+import collections
 import csv
 import io
+import math
 import os
 import re
 import shlex
@@ -36,11 +38,12 @@ ENTRY = re.compile(r"<!-- results:entry (study|other) (.+?) -->\n.*?<!-- results
                    re.S)
 # The study's published best configuration per model, where this project records it.
 PUBLISHED_BEST_CONFIG = {"resnet18": "adam_lr0.001_wd1e-4_basic"}
-STUDY_EPOCHS, STUDY_TRIALS = 10, 64
+STUDY_EPOCHS, STUDY_TRIALS, STUDY_BATCH = 10, 64, 128
 NO_STUDY_YET = (
-    "The study itself has not been run with this engine on a GPU yet: `scripts/gpu_study.sh` "
-    "runs it in phases that each fit one device call (`scripts/prepare_device.sh` prepares what "
-    "the call carries), and `python -m cifar_jax.publish` adds its entry here, first.")
+    "The whole study has not run with this engine on a GPU yet (parts of it may have, below). "
+    "`scripts/gpu_sitting.sh` runs a GPU sitting as one device call (preflight, bench, the "
+    "models' grids that fit, profile), continuing an earlier sitting's grid from the records "
+    "committed beside its results, and `python -m cifar_jax.publish` adds its entry here, first.")
 
 
 def read_rows(grid_workdir: str) -> List[Dict[str, str]]:
@@ -113,6 +116,7 @@ def shape(grid_config: Dict[str, Any]) -> Dict[str, Any]:
 
     grid = trials_lib.expand(ml_collections.ConfigDict(grid_config))
     return {"models": list(dict.fromkeys(t.model for t in grid)), "trials": len(grid),
+            "per_model": collections.Counter(t.model for t in grid),
             "epochs": grid_config["num_epochs"], "batch": grid_config["batch_size"],
             "source": grid_config["data"]["source"]}
 
@@ -130,6 +134,16 @@ def is_study(s: Dict[str, Any]) -> bool:
             and set(s["models"]) >= set(report.PUBLISHED_BEST_VAL))
 
 
+def is_study_part(s: Dict[str, Any]) -> bool:
+    """Every model of the grid ran its whole share of the study (configs/grid.py): its
+    accuracies compare with the study's published figures, though other models are missing."""
+    from configs import grid
+
+    study = collections.Counter(t.model for t in trials_lib.expand(grid.get_config()))
+    return (s["epochs"] == STUDY_EPOCHS and s["batch"] == STUDY_BATCH and bool(s["models"])
+            and all(s["per_model"][m] >= study.get(m, math.inf) for m in s["models"]))
+
+
 def definition(s: Dict[str, Any], device: str, torch_seeds: int) -> str:
     models = ", ".join(s["models"])
     text = (f"{s['trials']} grid trials of {models}, {s['epochs']} epochs each at batch "
@@ -138,7 +152,12 @@ def definition(s: Dict[str, Any], device: str, torch_seeds: int) -> str:
     if torch_seeds:
         text += f"; the PyTorch twin trained the selected configurations ({torch_seeds} runs)"
     text += "."
-    if not is_study(s):
+    if not is_study(s) and is_study_part(s):
+        text += (f" **Part of the study** (which is {STUDY_TRIALS} trials of "
+                 f"{', '.join(report.PUBLISHED_BEST_VAL)}): the whole share of "
+                 f"{', '.join(s['models'])}, so its accuracies compare with the study's "
+                 "published figures.")
+    elif not is_study(s):
         text += (f" **Not the study**, which is {STUDY_TRIALS} trials of "
                  f"{', '.join(report.PUBLISHED_BEST_VAL)} for {STUDY_EPOCHS} epochs on a GPU: "
                  "its accuracies are not comparable with the study's published figures.")
@@ -177,6 +196,12 @@ def reproduce_markdown(run_log: Dict[str, Any], publish_command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def linked_evaluations(summary: str) -> List[str]:
+    """The trials' evaluation folders that a summary links (trials/.../evaluation/test)."""
+    found = re.findall(r"\((trials/[^)\s]+/evaluation/[a-z]+)/summary\.md\)", summary)
+    return sorted({f for f in found if ".." not in f.split("/")})
+
+
 def combined_csv(jax_grid: str, torch_grid: Optional[str]) -> str:
     """The JAX grid's results.csv with the twin's rows appended (one header)."""
     out = io.StringIO()
@@ -196,13 +221,16 @@ def combined_csv(jax_grid: str, torch_grid: Optional[str]) -> str:
 
 
 def entry_markdown(out_rel: str, title: str, text: str, jax_sel, torch_sel, recipe_sel,
-                   bench_table: Optional[str], study: bool, reproduce: bool) -> str:
+                   bench_table: Optional[str], study: bool, reproduce: bool,
+                   beside_published: bool = False) -> str:
+    """The README entry; `beside_published`: the study's table (the published figures beside
+    ours) for a part of the study too."""
     links = f"files in [`{out_rel}`]({out_rel})"
     if reproduce:
         links += f", commands, versions and wall times in [`REPRODUCE.md`]({out_rel}/REPRODUCE.md)"
     lines = [f"<!-- results:entry {'study' if study else 'other'} {out_rel} -->", f"### {title}",
              "", f"{text} Mean ± std over seeds (n); {links}.", ""]
-    if study:
+    if study or beside_published:
         lines += ["| model | published best val (config) | ours, JAX: selected config | val | "
                   "test | ours, PyTorch twin: val | test | selection agrees with the study |",
                   "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -304,7 +332,8 @@ def publish(out: str, jax_grid: str, torch_grid: Optional[str] = None,
                              "workdir of a grid run.")
     s = shape(grid_config)
     study = is_study(s)
-    title = title or ("The study" if study else "A slice of the study")
+    title = title or ("The study" if study else "Part of the study" if is_study_part(s)
+                      else "A slice of the study")
     text = definition(s, device_text(log), len(torch_rows)) + (f" {note}" if note else "")
 
     needed = [os.path.join(jax_grid, "summary.md")] + (
@@ -325,6 +354,10 @@ def publish(out: str, jax_grid: str, torch_grid: Optional[str] = None,
     if os.path.isdir(os.path.join(jax_grid, "plots")):
         shutil.copytree(os.path.join(jax_grid, "plots"), os.path.join(out, "plots"),
                         dirs_exist_ok=True)
+    for evaluation in linked_evaluations(summary):  # the grid's summary links them
+        if os.path.isdir(os.path.join(jax_grid, evaluation)):
+            shutil.copytree(os.path.join(jax_grid, evaluation), os.path.join(out, evaluation),
+                            dirs_exist_ok=True)
     if recipe:
         for name in ("results.csv", "summary.md"):
             shutil.copy(os.path.join(recipe, name), os.path.join(out, "recipe_" + name))
@@ -337,7 +370,8 @@ def publish(out: str, jax_grid: str, torch_grid: Optional[str] = None,
     if readme:
         out_rel = os.path.relpath(out, os.path.dirname(os.path.abspath(readme)))
         entry = entry_markdown(out_rel, title, text, jax_sel, torch_sel, recipe_sel,
-                               bench_table, study, reproduce=log is not None)
+                               bench_table, study, reproduce=log is not None,
+                               beside_published=is_study_part(s))
         workdir_lib.write_text_atomic(readme, with_entry(readme_text, entry, readme))
     print(f"Published to {out}" + (f" and {readme}" if readme else ""))
 

@@ -16,19 +16,27 @@
 # What comes back: OUT_DIR/results.tar.gz (the runs' results and reports) and OUT_DIR/sitting/
 # (each phase's log, bench.json, run_log.json for `python -m cifar_jax.publish --run_log`).
 # Env: SITTING_MODELS (study models, in order of preference), BENCH_SECONDS (the bench's share),
-# SITTING_PROFILE=0 (no profile phase),
-# and gpu_study.sh's bench variables.
+# SITTING_BENCH (an earlier sitting's bench.json, carried: no bench phase), SITTING_CONTINUE (an
+# earlier sitting's grid records, e.g. results/2026-11-30-h200/grid_records.tar.gz: its finished
+# models are kept, reported and not run again), SITTING_PROFILE=0
+# (no profile phase), and gpu_study.sh's bench variables.
 set -uo pipefail
 OUT=${1:?usage: gpu_sitting.sh OUT_DIR DATA_SOURCE SECONDS}
 DATA=${2:?usage: gpu_sitting.sh OUT_DIR DATA_SOURCE SECONDS}
 TOTAL=${3:?usage: gpu_sitting.sh OUT_DIR DATA_SOURCE SECONDS}
 shift 3
+# The study as gpu_study.sh runs it (its seeds and data), for the plan's projection.
 GRID=(--config.grid.repeat_selected_seeds=1,2 --config.data.source="$DATA" "$@")
 cd "$(dirname "$0")/.."
 export RUNS=${RUNS:-.device/runs} PACK="$(mkdir -p "$OUT" && cd "$OUT" && pwd)/results.tar.gz"
 STAGE="$OUT/sitting"
 mkdir -p "$STAGE" "$RUNS"
 source scripts/run_log.sh
+if ls .whl/*.whl >/dev/null 2>&1; then  # the plan needs ml_collections too
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -n "${SITTING_CONTINUE:-}" ]; then tar xzf "$SITTING_CONTINUE" -C "$RUNS" || exit 2; fi
 deadline=$(( $(date +%s) + TOTAL ))
 left() { echo $(( deadline - $(date +%s) )); }
 
@@ -47,14 +55,21 @@ phase preflight 150 || { echo "=== the preflight failed: nothing else runs"; exi
 export JAX_VARIANTS=${JAX_VARIANTS:-loop} PACK_SIZES=${PACK_SIZES:-1,4}  # bfloat16: the profile
 export TORCH_VARIANTS=${TORCH_VARIANTS:-eager,channels_last_amp} BENCH_FLAGS=${BENCH_FLAGS:---windows 3}
 export BENCH_MODELS=${BENCH_MODELS:-resnet18,alexnet,mobilenetv2}
-phase bench "${BENCH_SECONDS:-170}"
+if [ -n "${SITTING_BENCH:-}" ]; then cp "$SITTING_BENCH" "$STAGE/bench.json"  # an earlier sitting's
+else phase bench "${BENCH_SECONDS:-170}"; fi
 python3 scripts/sitting_plan.py --bench_json "$STAGE/bench.json" --seconds_left "$(( $(left) - 30 ))" \
-  --candidates "${SITTING_MODELS:-resnet18,alexnet,mobilenetv2}" --config configs/grid.py "${GRID[@]}" \
-  > "$STAGE/plan.txt"
-while read -r model pack projected; do
-  phase study "$(( $(left) - 10 ))" "${GRID[@]}" --config.grid.models="$model" \
-    --config.grid.pack_size="$pack" < /dev/null
-  echo "=== study $model: projected $projected s"
+  --candidates "${SITTING_MODELS:-resnet18,alexnet,mobilenetv2}" --grid_workdir "$RUNS/grid" \
+  --config configs/grid.py "${GRID[@]}" > "$STAGE/plan.txt"
+done_models=""  # each grid process lists them too, so that its report covers every model
+while read -r kind model pack projected; do
+  rc=0
+  if [ "$kind" = run ]; then
+    phase study "$(( $(left) - 10 ))" "$@" --config.grid.models="${done_models}$model" \
+      --config.grid.pack_size="$pack" < /dev/null
+    rc=$?
+    echo "=== study $model: exit $rc, projected $projected s"
+  fi
+  case $rc in 0|1) done_models="${done_models}$model," ;; esac  # 1: the grid ended, a trial failed
 done < "$STAGE/plan.txt"
 if [ "${SITTING_PROFILE:-1}" = 1 ] && [ "$(left)" -gt 90 ]; then phase profile "$(( $(left) - 10 ))"; fi
 echo "=== sitting done, $(left) s to spare; $(du -h "$PACK" | cut -f1) in $PACK"

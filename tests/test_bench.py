@@ -82,3 +82,30 @@ def test_bad_flags_and_an_unwritable_out_are_refused_before_any_timing(tmp_path)
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr
         assert message in proc.stderr and "Timing" not in proc.stderr
+
+
+def test_sitting_plan_continues_an_earlier_sitting_and_fits_the_time_left(tmp_path):
+    """scripts/sitting_plan.py on the H200 sitting's bench and grid records: AlexNet's share is
+    done (kept, not run again); ResNet-18 runs only when its projection (471 s, checkpoints and
+    repeat seeds included) fits; MobileNetV2 (707 s) does not fit after it, and is said so."""
+    h200 = os.path.join(ROOT, "results", "2026-11-30-h200")
+    subprocess.run(["tar", "xzf", os.path.join(h200, "grid_records.tar.gz"), "-C",
+                    str(tmp_path)], check=True)
+
+    def plan(seconds_left):
+        proc = subprocess.run(
+            [sys.executable, "scripts/sitting_plan.py", "--bench_json",
+             os.path.join(h200, "bench.json"), "--seconds_left", str(seconds_left),
+             "--grid_workdir", str(tmp_path / "grid"), "--config", "configs/grid.py",
+             "--config.grid.repeat_selected_seeds=1,2",
+             "--config.data.source=folder:.device/data/cifar10-jpeg.tar.gz"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split("\n"), proc.stderr
+
+    lines, err = plan(500)
+    assert lines[0] == "done alexnet" and lines[1].startswith("run resnet18 1 ")
+    assert "mobilenetv2: projected" in err and len([x for x in lines if x]) == 2
+    lines, err = plan(400)
+    assert lines[0] == "done alexnet" and not any(line.startswith("run") for line in lines)
+    assert "resnet18: projected" in err and "not run" in err

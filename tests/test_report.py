@@ -1,5 +1,6 @@
 """The report from trial directories written by hand: statistics, summary, figure contents."""
 
+import collections
 import csv
 import os
 
@@ -132,6 +133,22 @@ def _publishable(c, workdir):
     workdir_lib.write_json_atomic(os.path.join(workdir, "grid_config.json"), c.to_dict())
 
 
+def test_publish_names_a_part_of_the_study_and_keeps_its_evaluations():
+    """A grid with the whole share of some models is 'part of the study', beside the published
+    figures; fewer trials or epochs are a slice. The summary's evaluation links are copied."""
+    from cifar_jax import publish
+
+    part = {"models": ["alexnet"], "trials": 32, "per_model": collections.Counter(alexnet=32),
+            "epochs": 10, "batch": 128, "source": "folder:cifar10-jpeg.tar.gz"}
+    assert publish.is_study_part(part) and not publish.is_study(part)
+    assert "**Part of the study**" in publish.definition(part, "1x GPU", 0)
+    for changed in ({"per_model": collections.Counter(alexnet=16)}, {"epochs": 2}):
+        assert "**Not the study**" in publish.definition(dict(part, **changed), "1x GPU", 0)
+    summary = ("[a](trials/alexnet/x/evaluation/test/summary.md), "
+               "[b](trials/../../etc/evaluation/test/summary.md)")
+    assert publish.linked_evaluations(summary) == ["trials/alexnet/x/evaluation/test"]
+
+
 def test_publish_writes_results_and_a_readme_entry(seeded_workdir, tmp_path):
     from cifar_jax import publish
 
@@ -150,7 +167,7 @@ def test_publish_writes_results_and_a_readme_entry(seeded_workdir, tmp_path):
         os.listdir(out))
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n") and text.endswith("tail\n")
-    assert "### A slice of the study" in text and "The study itself has not been run" in text
+    assert "### A slice of the study" in text and "The whole study has not run" in text
     assert ("6 grid trials of alexnet, 3 epochs each at batch 128, on data source `tfds`, on a "
             "CPU (Some CPU, 2 cores)") in text and "**Not the study**" in text
     row = ("| alexnet | sgd_lr0.01_wd1e-4_basic_do0.5 | 60.00% ± 1.00 (n=3) | 59.00% ± 1.00 "
