@@ -23,11 +23,11 @@ def pytest_configure(config):
 
 @pytest.fixture
 def tiny_config():
-    """A seconds-long AlexNet run on small synthetic data (8 steps per epoch)."""
+    """A seconds-long run of the tiny CNN on small synthetic data (8 steps per epoch)."""
     from configs import default
 
     config = default.get_config()
-    config.model = "alexnet"
+    config.model = "tiny"
     config.num_epochs = 2
     config.batch_size = 32
     config.eval_batch_size = 64

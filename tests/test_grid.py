@@ -31,6 +31,7 @@ def _grid_config(**grid_fields):
     c.data.synthetic_train_size, c.data.val_size, c.data.synthetic_test_size = 164, 100, 50
     c.grid.optimizer, c.grid.weight_decay, c.grid.augmentation = "adam", "1e-4", "basic"
     c.grid.dropout_rate = "0.5"
+    c.grid.dropout_models = "alexnet,tiny"  # the tiny CNN's trials are named as AlexNet's
     c.grid.pack_size = 1
     for k, v in grid_fields.items():
         c.grid[k] = v
@@ -169,7 +170,7 @@ def test_two_model_grid_compiles_once_per_model_and_reports(tmp_path):
 
 
 def test_pack_runs_trials_together_and_splits_on_out_of_memory(tmp_path, monkeypatch, caplog):
-    c = _grid_config(models="alexnet", learning_rate="0.001,0.002,0.003")
+    c = _grid_config(models="tiny", learning_rate="0.001,0.002,0.003")
     c.grid.pack_size = 3
     sizes = []
     real = train.train_pack
@@ -268,7 +269,7 @@ def test_mismatched_result_is_reported_not_trusted(tmp_path):
 
 
 def test_report_evaluates_each_selected_trial_once(tmp_path, monkeypatch):
-    c = _grid_config(models="alexnet", learning_rate="0.001,0.01")
+    c = _grid_config(models="tiny", learning_rate="0.001,0.01")
     c.grid.repeat_selected_seeds = "1"
     assert grid.run_grid(c, str(tmp_path))
     rows = _rows(tmp_path)
@@ -279,14 +280,14 @@ def test_report_evaluates_each_selected_trial_once(tmp_path, monkeypatch):
     assert "± " in summary
     # Each selected trial's evaluation in depth, from the same pass, linked from summary.md.
     for r in selected:
-        path = f"trials/alexnet/{r['name']}/evaluation/test/summary.md"
+        path = f"trials/tiny/{r['name']}/evaluation/test/summary.md"
         assert f"]({path})" in summary
         assert f"accuracy: {100 * float(r['test_accuracy']):.2f}%" in (tmp_path / path).read_text()
     calls = []
     monkeypatch.setattr(evaluation, "evaluate_split", lambda *a, **k: calls.append(a))
     report.write_report(str(tmp_path), c)  # a second process finishing: nothing re-evaluated
     assert calls == []
-    selected_events = glob.glob(str(tmp_path / "trials" / "alexnet" / selected[0]["name"] /
+    selected_events = glob.glob(str(tmp_path / "trials" / "tiny" / selected[0]["name"] /
                                     "events.out.tfevents*"))
     assert len(selected_events) >= 2  # training's, and the report's test metrics
 
@@ -315,19 +316,20 @@ def test_two_processes_share_one_grid_workdir(tmp_path):
     """Started together without shards, they claim trials: each runs a disjoint share, and
     together with the report every trial appears exactly once."""
     args = _cli_grid(tmp_path, "--config.grid.learning_rate=0.001,0.002,0.003,0.004",
-                     "--config.num_epochs=1")
+                     "--config.num_epochs=1", "--config.grid.models=tiny",
+                     "--config.grid.dropout_models=tiny")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs = [subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
     logs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-    ran = [set(re.findall(r"running alexnet: (\S+)", log)) for log in logs]
+    ran = [set(re.findall(r"running tiny: (\S+)", log)) for log in logs]
     assert ran[0].isdisjoint(ran[1])
     assert len(ran[0] | ran[1]) == 4
     rows = _rows(tmp_path)
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     for r in rows:  # one training per trial: one line per epoch
-        with open(tmp_path / "trials" / "alexnet" / r["name"] / "metrics.jsonl") as f:
+        with open(tmp_path / "trials" / "tiny" / r["name"] / "metrics.jsonl") as f:
             assert len(f.readlines()) == 1
 
 
@@ -336,7 +338,7 @@ def test_survivors_take_over_an_abandoned_trial_or_exit_1(tmp_path, monkeypatch,
     is free, the trial interrupted): this process takes the trial over before it finishes.
     Where it cannot (the lock is still taken, yet nobody is running the trial), the grid
     says not every trial completed and returns False (exit 1), never True."""
-    c = _grid_config(models="alexnet", learning_rate="0.001,0.01")
+    c = _grid_config(models="tiny", learning_rate="0.001,0.01")
     held = trials.expand(c)[0]
     held_dir = tmp_path / held.relpath
     held_dir.mkdir(parents=True)
@@ -360,12 +362,12 @@ def test_survivors_take_over_an_abandoned_trial_or_exit_1(tmp_path, monkeypatch,
     workdir_lib.store_config(trials.trial_config(c, third), str(tmp_path / third.relpath))
     with workdir_lib.RunLock(str(tmp_path / third.relpath)):  # not a live process's run
         assert not grid.run_grid(c, str(tmp_path))
-    assert "Grid: not every trial completed: 1 did not: alexnet/adam_lr0.1_wd1e-4_basic_do0.5 " \
+    assert "Grid: not every trial completed: 1 did not: tiny/adam_lr0.1_wd1e-4_basic_do0.5 " \
            "(interrupted)" in caplog.text
 
 
 def test_a_data_dependent_refusal_is_said_once_before_any_trial(tmp_path):
-    c = _grid_config(models="alexnet", learning_rate="0.001,0.01")
+    c = _grid_config(models="tiny", learning_rate="0.001,0.01")
     c.batch_size = 128  # more than the 64 training images
     with pytest.raises(config_checks.ConfigError) as e:
         grid.run_grid(c, str(tmp_path))
@@ -375,7 +377,7 @@ def test_a_data_dependent_refusal_is_said_once_before_any_trial(tmp_path):
 
 
 def test_report_cli_aggregates_a_workdir(tmp_path):
-    c = _grid_config(models="alexnet", learning_rate="0.001")
+    c = _grid_config(models="tiny", learning_rate="0.001")
     assert grid.run_grid(c, str(tmp_path))
     os.remove(tmp_path / "results.csv")
     proc = subprocess.run([sys.executable, "-m", "cifar_jax.report", "--workdir", str(tmp_path)],
@@ -383,12 +385,12 @@ def test_report_cli_aggregates_a_workdir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Summary of best hyperparameters" in proc.stdout
     assert len(_rows(tmp_path)) == 1
-    assert json.load(open(tmp_path / "grid_config.json"))["grid"]["models"] == "alexnet"
+    assert json.load(open(tmp_path / "grid_config.json"))["grid"]["models"] == "tiny"
 
 
 def test_grid_runs_the_pytorch_twin_per_trial(tmp_path):
     pytest.importorskip("torch")
-    c = _grid_config(models="alexnet", learning_rate="0.001,0.01")
+    c = _grid_config(models="tiny", learning_rate="0.001,0.01")
     c.framework = "torch"
     assert grid.run_grid(c, str(tmp_path))
     rows = _rows(tmp_path)
@@ -400,11 +402,11 @@ def test_grid_runs_the_pytorch_twin_per_trial(tmp_path):
 
 
 def test_finished_trials_of_another_config_are_refused(tmp_path):
-    c = _grid_config(models="alexnet", learning_rate="0.001")
+    c = _grid_config(models="tiny", learning_rate="0.001")
     assert grid.run_grid(c, str(tmp_path))
     c.num_epochs = 2  # the same grid, longer: the finished trial would be reported as 2 epochs
     with pytest.raises(ValueError, match=r"holds 1 finished trials run with a different "
-                                         r"config:\n  trials/alexnet/.*num_epochs: stored 1, now 2"):
+                                         r"config:\n  trials/tiny/.*num_epochs: stored 1, now 2"):
         grid.run_grid(c, str(tmp_path))
     c.allow_config_change = True  # keep the finished result as it is
     assert grid.run_grid(c, str(tmp_path))
@@ -412,7 +414,7 @@ def test_finished_trials_of_another_config_are_refused(tmp_path):
 
 
 def test_a_failure_never_overwrites_a_completed_trial(tmp_path):
-    (t,) = trials.expand(_grid_config(models="alexnet", learning_rate="0.001"))
+    (t,) = trials.expand(_grid_config(models="tiny", learning_rate="0.001"))
     directory = tmp_path / t.relpath
     directory.mkdir(parents=True)
     done = {"status": "completed", **t.hyperparameters(), "best_val_accuracy": 0.5}

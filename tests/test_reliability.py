@@ -255,7 +255,7 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
     tiny_config.learning_rate = 0.01
     with pytest.raises(train.Preempted):
         train.train_and_evaluate(tiny_config, workdir, stop_requested=lambda s: s == 8)
-    tiny_config.learning_rate = 1e4  # diverges within a few steps
+    tiny_config.learning_rate = 1e30  # diverges within a few steps
     tiny_config.allow_config_change = True
     with pytest.raises(train.Diverged, match=r"Non-finite loss .* at step 1[0-6]\. The last good "
                                              r"checkpoint is .*checkpoints/8 "):
@@ -346,7 +346,7 @@ bn = {{"loss": float(l), "stats": [np.asarray(a).tolist() for a in jax.tree.leav
        "grads": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(g)]}}
 
 c = default.get_config()
-c.model = "alexnet"; c.num_epochs = 2; c.batch_size = 32; c.eval_batch_size = 20
+c.model = "tiny"; c.num_epochs = 2; c.batch_size = 32; c.eval_batch_size = 20
 c.log_every_steps = 1; c.data.source = "synthetic"; c.data.synthetic_train_size = 180
 c.data.val_size = 20; c.data.synthetic_test_size = 20
 shared = engine.Engine()

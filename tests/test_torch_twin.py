@@ -14,7 +14,7 @@ from cifar_jax.models import get_model  # noqa: E402
 from cifar_jax.torch_twin import convert, models as torch_models  # noqa: E402
 from cifar_jax.torch_twin import train as torch_train  # noqa: E402
 
-MODELS = ["resnet18", "alexnet", "mobilenetv2", "resnet50"]
+MODELS = ["resnet18", "alexnet", "mobilenetv2", "resnet50", "tiny"]
 
 
 def _pair(name, seed=0):
@@ -171,7 +171,7 @@ def test_twin_writes_the_same_result_format(tmp_path, tiny_config):
     jax_keys = {"status", "model", "optimizer", "learning_rate", "weight_decay", "augmentation",
                 "test_accuracy", "best_val_accuracy", "images_per_sec", "num_params"}
     assert jax_keys <= set(result)
-    assert result["num_params"] == 23_272_266
+    assert result["num_params"] == 5_466  # the tiny CNN's
     with open(tmp_path / "metrics.jsonl") as f:
         assert len(f.readlines()) == 1
 
@@ -281,7 +281,7 @@ def test_twin_resume_is_exact_and_divergence_is_recorded(tmp_path, tiny_config, 
     drop = ("train_time_s", "images_per_sec")
     assert {k: v for k, v in resumed.items() if k not in drop} == \
            {k: v for k, v in straight.items() if k not in drop}
-    tiny_config.optimizer, tiny_config.learning_rate = "sgd", 1e4
+    tiny_config.optimizer, tiny_config.learning_rate = "sgd", 1e30
     with pytest.raises(jax_train.Diverged, match="Non-finite loss in epoch 1"):
         torch_train.train_and_evaluate(tiny_config, str(tmp_path / "diverged"))
     assert json.load(open(tmp_path / "diverged" / "result.json"))["status"] == "diverged"

@@ -21,6 +21,7 @@ def _read_jsonl(path):
 
 
 def test_short_run_learns_and_writes_outputs(tiny_config, tmp_path):
+    tiny_config.model = "alexnet"  # one study model learning end to end
     tiny_config.num_epochs = 3
     # At 0.001 this run ends near 20-30% test accuracy depending on the CPU's float rounding
     # (different vector units); 0.0005 learns steadily (33% test, 36% val on a 2-core AVX2 CPU).
@@ -128,7 +129,8 @@ def test_evaluation_counts_every_example_once(tiny_config):
     states = programs.to_device(engine.stack([state]))
     total = jax.device_get(programs.evaluate(states, data.images, data.labels, data.mask, 1, 3))
     assert int(total.accuracy.count[0]) == 70
-    logits = programs.apply_fn({"params": state.params}, input_pipeline_normalize(split.images))
+    logits = programs.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                               input_pipeline_normalize(split.images))
     expected = np.mean(np.argmax(logits, -1) == split.labels)
     got = engine.evaluate(programs, states, data, "split")[0]["accuracy"]
     assert abs(got - expected) < 1e-6

@@ -194,8 +194,25 @@ class MobileNetV2(nn.Module):
         return self.classifier(nn.functional.dropout(x, p, self.training))
 
 
+class TinyCNN(nn.Module):
+    """cifar_jax/models/tiny.py: two conv + BN + ReLU blocks, global average pool, dropout, fc."""
+
+    def __init__(self, num_classes=10, dropout_rate=0.2):
+        super().__init__()
+        self.dropout_rate = dropout_rate
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), _bn(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, 1, 1, bias=False), _bn(32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x, dropout_rate: Optional[float] = None):
+        p = self.dropout_rate if dropout_rate is None else dropout_rate
+        x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
+        x = torch.relu(self.bn2(self.conv2(x))).mean(dim=(2, 3))
+        return self.fc(nn.functional.dropout(x, p, self.training))
+
+
 MODELS = {"resnet18": ResNet18, "alexnet": AlexNet, "mobilenetv2": MobileNetV2,
-          "resnet50": ResNet50}
+          "resnet50": ResNet50, "tiny": TinyCNN}
 
 
 def get_model(name: str, **kwargs) -> nn.Module:

@@ -6,6 +6,7 @@ result.json fields. A checkpoint (model, optimizer, schedule, epoch, RNG) is sav
 epoch end and resumed from; checkpoints are loaded with `weights_only=True`.
 """
 
+import errno
 import math
 import os
 import pickle
@@ -109,6 +110,11 @@ def _load(path: str, device, remedy: str = "Move it away and run again: the twin
 
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, None):  # a permission or disk error, not damage
+            raise
+        # A truncated archive: torch's zip reader seeks past its end.
+        raise CheckpointError(f"{path} is unreadable ({error_summary(e)}). {remedy}") from e
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable ({error_summary(e)}). {remedy}") from e
 
