@@ -158,6 +158,16 @@ def _exit_now_if_write_failed(error: BaseException, code: int) -> None:
         os._exit(code)
 
 
+def _exit_at_once(code: int) -> None:
+    """Exits without the interpreter's shutdown. An interruption outside training can come in
+    the middle of a compilation or a data load, whose threads may still run; finalising the
+    interpreter under them has crashed (exit 139 instead of 143). The `with` blocks between
+    here and the interruption have already released what they held."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run(main: Callable, positional: bool = False) -> None:
     """absl's app.run with the behaviour described in the module docstring; `positional`: the
     command takes arguments besides its flags (main gets them in argv[1:])."""
@@ -174,10 +184,10 @@ def run(main: Callable, positional: bool = False) -> None:
             return main(argv)
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)
-            sys.exit(130)
+            _exit_at_once(130)
         except _Terminated:
             print("Stopped by SIGTERM outside training; nothing needed saving.", file=sys.stderr)
-            sys.exit(143)
+            _exit_at_once(143)
         except Exception as e:
             for kinds, code, show in _exit_codes():
                 if isinstance(e, kinds):

@@ -16,8 +16,9 @@ needs. The class names are written beside it (PATH.classes.json).
              newer than the one that wrote it, and a few weeks older).
   onnx       through the PyTorch twin (weights converted by torch_twin.convert, exported by
              torch.onnx); `--quantize int8`: onnxruntime static quantization (QDQ, per-channel
-             int8 weights, uint8 activations) calibrated on --calibration_images training
-             images, with its size and test accuracy against float32 in PATH.int8.json.
+             int8 weights in a 7-bit range, uint8 activations) calibrated on
+             --calibration_images training images, with its size and test accuracy against
+             float32 in PATH.int8.json.
   torch      the twin's state_dict with the model name, class names, normalisation constants
              and TTA flag; loading it needs the twin's model code (cifar_jax.torch_twin).
 
@@ -145,8 +146,14 @@ def onnx_logits(path: str, images: np.ndarray, batch_size: int = 256) -> np.ndar
 
 
 def quantize_int8(fp32_path: str, path: str, calibration: np.ndarray) -> None:
-    """onnxruntime static quantization: QDQ, per-channel int8 weights, uint8 activations,
-    ranges calibrated on `calibration` (uint8 images)."""
+    """onnxruntime static quantization: QDQ, per-channel int8 weights in a 7-bit range, uint8
+    activations, ranges calibrated on `calibration` (uint8 images).
+
+    The 7-bit range (`reduce_range`): x86 CPUs without VNNI multiply uint8 by int8 in pairs
+    summed into int16 (vpmaddubsw), which saturates with full-range weights. On this project's
+    smoke model (2-core AVX2 CPU), int8 predictions agreed with float32 on 86.6% of the test
+    images with 8-bit weights and on 99.8% with 7-bit ones.
+    """
     quantization = _need("onnxruntime.quantization")
 
     class Reader(quantization.CalibrationDataReader):
@@ -163,7 +170,7 @@ def quantize_int8(fp32_path: str, path: str, calibration: np.ndarray) -> None:
         with _atomic(path) as tmp:
             quantization.quantize_static(
                 prepared, tmp, Reader(), quant_format=quantization.QuantFormat.QDQ,
-                per_channel=True, weight_type=quantization.QuantType.QInt8,
+                per_channel=True, reduce_range=True, weight_type=quantization.QuantType.QInt8,
                 activation_type=quantization.QuantType.QUInt8)
 
 

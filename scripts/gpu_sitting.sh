@@ -53,11 +53,13 @@ phase() {
 
 phase preflight 150 || { echo "=== the preflight failed: nothing else runs"; exit 3; }
 export JAX_VARIANTS=${JAX_VARIANTS:-loop} PACK_SIZES=${PACK_SIZES:-1,4}  # bfloat16: the profile
-export TORCH_VARIANTS=${TORCH_VARIANTS:-eager,channels_last_amp} BENCH_FLAGS=${BENCH_FLAGS:---windows 3}
+export TORCH_VARIANTS=${TORCH_VARIANTS:-eager,channels_last_amp}
+export BENCH_FLAGS=${BENCH_FLAGS:---windows 3}
 export BENCH_MODELS=${BENCH_MODELS:-resnet18,alexnet,mobilenetv2}
 if [ -n "${SITTING_BENCH:-}" ]; then cp "$SITTING_BENCH" "$STAGE/bench.json"  # an earlier sitting's
 else phase bench "${BENCH_SECONDS:-170}"; fi
-python3 scripts/sitting_plan.py --bench_json "$STAGE/bench.json" --seconds_left "$(( $(left) - 30 ))" \
+python3 scripts/sitting_plan.py --bench_json "$STAGE/bench.json" \
+  --seconds_left "$(( $(left) - 30 ))" \
   --candidates "${SITTING_MODELS:-resnet18,alexnet,mobilenetv2}" --grid_workdir "$RUNS/grid" \
   --config configs/grid.py "${GRID[@]}" > "$STAGE/plan.txt"
 done_models=""  # each grid process lists them too, so that its report covers every model
@@ -69,7 +71,9 @@ while read -r kind model pack projected; do
     rc=$?
     echo "=== study $model: exit $rc, projected $projected s"
   fi
-  case $rc in 0|1) done_models="${done_models}$model," ;; esac  # 1: the grid ended, a trial failed
+  case $rc in 0|1) done_models="${done_models}$model," ;; esac  # 1: ended, a trial failed
 done < "$STAGE/plan.txt"
-if [ "${SITTING_PROFILE:-1}" = 1 ] && [ "$(left)" -gt 90 ]; then phase profile "$(( $(left) - 10 ))"; fi
+if [ "${SITTING_PROFILE:-1}" = 1 ] && [ "$(left)" -gt 90 ]; then
+  phase profile "$(( $(left) - 10 ))"
+fi
 echo "=== sitting done, $(left) s to spare; $(du -h "$PACK" | cut -f1) in $PACK"

@@ -39,6 +39,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# A time limit's SIGTERM (gpu_sitting.sh) stops the phase's command; the phase is still
+# recorded in run_log.json and its results packed.
+trap 'echo "phase $PHASE: stopped by SIGTERM"' TERM
 COMMON=(--config.data.source="$DATA" --config.compilation_cache_dir="$RUNS/xla_cache" "$@")
 
 # run NAME LOG_JSON COMMAND...: runs it, logs its output, records command, versions and time.

@@ -6,7 +6,9 @@
 run() {
   local name=$1 log_json=$2; shift 2
   local start; start=$(date +%s.%N)
-  "$@" 2>&1 | tee -a "$OUT/$name.log"
+  # tee ignores SIGTERM: a time limit signals the whole process group, and the command must
+  # still be able to write its last lines (it stops cleanly on SIGTERM) into the log.
+  "$@" 2>&1 | (trap '' TERM; exec tee -a "$OUT/$name.log")
   local rc=${PIPESTATUS[0]}
   python3 - "$log_json" "$name" "$start" "$rc" "$(printf '%q ' "$@")" <<'PY'
 import json, os, platform, sys, time

@@ -4,15 +4,15 @@
       [--config configs/grid.py --config.FIELD=VALUE ...]
 
 Prints `done MODEL` for each model whose grid and repeat seeds have all finished in
---grid_workdir (an earlier sitting's, carried), then `run MODEL PACK_SIZE PROJECTED_SECONDS` for
-each other model that fits, in the given order of preference. A model's grid must end inside the sitting (its selection, its test
-evaluation and its repeat seeds need its weights, which cannot travel back), so a model is
-taken only when its projection fits in the time the models before it leave. The projection is
-the bench's (`cifar_jax.bench.projected_grid_seconds` at the fastest float32 on-device-loop pack
-size, compile included) for the config's trials of that model and its
-`grid.repeat_selected_seeds`, times MARGIN, plus each trial's epoch-end checkpoints, plus
-START_SECONDS. Models the bench did not reach or that do not fit are passed over, and said so
-on stderr.
+--grid_workdir (an earlier sitting's, carried), then `run MODEL PACK_SIZE PROJECTED_SECONDS`
+for each other model that fits, in the given order of preference. A model's grid must end
+inside the sitting (its selection, its test evaluation and its repeat seeds need its weights,
+which cannot travel back), so a model is taken only when its projection fits in the time the
+models before it leave. The projection is the bench's (`cifar_jax.bench.projected_grid_seconds`
+at the fastest float32 on-device-loop pack size, compile included) for the config's trials of
+that model and its `grid.repeat_selected_seeds`, times MARGIN, plus each trial's epoch-end
+checkpoints, plus START_SECONDS. Models the bench did not reach or that do not fit are passed
+over, and said so on stderr.
 """
 
 import json

@@ -242,9 +242,9 @@ def test_onnx_int8_and_torch_exports(trained, tmp_path):
     assert info["calibration_images"] == 256 and info["test_images"] == 500
     assert os.path.getsize(int8_path) < 0.3 * os.path.getsize(onnx_path)
     int8 = export.onnx_logits(int8_path, data.test.images).argmax(1)
-    # A broken quantization agrees by chance (~10%). The smoke model agrees on 86.6% (issue 20
-    # asks for 95%: better calibration is open work).
-    assert np.mean(int8 == expected.argmax(1)) >= 0.8
+    # A broken quantization agrees by chance (~10%); with full-range (8-bit) weights, which
+    # saturate on x86 CPUs without VNNI, this smoke model agreed on 86.6%; with 7-bit, 99.8%.
+    assert np.mean(int8 == expected.argmax(1)) >= 0.95
     assert info["agreement_with_float32"] == pytest.approx(np.mean(int8 == expected.argmax(1)))
     assert json.loads(open(int8_path + ".int8.json").read())["int8_bytes"] == os.path.getsize(
         int8_path)
