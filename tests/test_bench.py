@@ -27,13 +27,13 @@ def test_bench_smoke_output_format(tmp_path):
     even when the timed training images (8 x 2) are fewer than one evaluation batch (32)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cifar_jax.bench", "--models", "alexnet", "--frameworks",
+        [sys.executable, "-m", "cifar_jax.bench", "--models", "tiny", "--frameworks",
          "jax,torch", "--batch_size", "8", "--eval_batch_size", "32", "--chunk_steps", "2",
          "--windows", "2", "--jax_variants", "steps", "--pack_sizes", "2",
          "--torch_variants", "eager", "--precision", "highest", "--efficiency",
          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| alexnet | 23,272,266 | 62.7M | jax | steps | 2 | highest |" in proc.stdout
+    assert "| tiny | 5,466 | 1.6M | jax | steps | 2 | highest |" in proc.stdout
     assert "| torch | eager | 1 |" in proc.stdout
     data = json.loads(out.read_text())
     rows = {(r["framework"], r["variant"], r["pack_size"]): r for r in data["rows"]}
@@ -48,19 +48,19 @@ def test_bench_smoke_output_format(tmp_path):
     cold, warm = rows[("jax", "steps", 2)]["first_step_cold_s"], rows[("jax", "steps", 2)][
         "first_step_warm_s"]
     assert warm < cold  # the second compile came from the persistent cache
-    assert data["models"]["alexnet"]["params"] == 23_272_266
-    assert data["models"]["alexnet"]["macs_per_image"] > 6e7
+    assert data["models"]["tiny"]["params"] == 5_466
+    assert data["models"]["tiny"]["macs_per_image"] == 16 * 27 * 32 * 32 + 32 * 144 * 16 * 16 + 320
     jax_line = next(line for line in data["table"].splitlines() if "| jax | steps |" in line)
     assert len(re.findall(r"\| \d+\.\d\dx \|", jax_line)) == 2  # train and eval ratios
     assert " min |" in data["table"]  # projected grid share
     (eff,) = data["efficiency"]
-    assert 40 < eff["checkpoint_mb"] < 100  # 23.3M float32 parameters (88.8 MB raw, compressed)
+    assert 0.01 < eff["checkpoint_mb"] < 0.1  # 5,466 float32 parameters and BN statistics
     assert eff["latency_batch1_ms"] > 0 and eff["throughput_batch1024"] > 0
 
 
 def test_bench_writes_nothing_unless_asked(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "cifar_jax.bench", "--models", "alexnet", "--frameworks",
+        [sys.executable, "-m", "cifar_jax.bench", "--models", "tiny", "--frameworks",
          "torch", "--batch_size", "4", "--eval_batch_size", "4", "--chunk_steps", "1",
          "--windows", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=ROOT))
