@@ -135,12 +135,15 @@ def is_study(s: Dict[str, Any]) -> bool:
 
 
 def is_study_part(s: Dict[str, Any]) -> bool:
-    """Every model of the grid ran its whole share of the study (configs/grid.py): its
-    accuracies compare with the study's published figures, though other models are missing."""
+    """Every model of the grid ran its whole share of the study (configs/grid.py) on real
+    images and has its selection reported: its accuracies compare with the study's published
+    figures, though other models are missing."""
     from configs import grid
 
     study = collections.Counter(t.model for t in trials_lib.expand(grid.get_config()))
+    finished = s.get("finished", set(s["models"]))  # models whose selection is reported
     return (s["epochs"] == STUDY_EPOCHS and s["batch"] == STUDY_BATCH and bool(s["models"])
+            and s["source"] != "synthetic" and set(s["models"]) <= set(finished)
             and all(s["per_model"][m] >= study.get(m, math.inf) for m in s["models"]))
 
 
@@ -330,7 +333,7 @@ def publish(out: str, jax_grid: str, torch_grid: Optional[str] = None,
     if grid_config is None:
         raise cli.UsageError(f"{jax_grid}/grid_config.json not found: --jax_grid must be the "
                              "workdir of a grid run.")
-    s = shape(grid_config)
+    s = dict(shape(grid_config), finished=set(jax_sel))
     study = is_study(s)
     title = title or ("The study" if study else "Part of the study" if is_study_part(s)
                       else "A slice of the study")
@@ -388,7 +391,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("run_log", None, "JSON with 'commands' (list), 'wall_times' (name -> "
                         "s), 'versions', 'device' and 'machine', as scripts/run_log.sh writes it.")
     flags.DEFINE_string("title", None, "The heading of this publication's README entry "
-                        "(default: 'The study' for the full grid, else 'A slice of the study').")
+                        "(default: 'The study' for the full grid, 'Part of the study' for whole "
+                        "per-model shares of it, else 'A slice of the study').")
     flags.DEFINE_string("readme", None, "README.md whose Results section gets this entry.")
     flags.DEFINE_string("note", "", "A sentence added to what was run (e.g. how the wall times "
                         "were measured), in summary.md and the README entry.")

@@ -9,10 +9,13 @@
 #   scripts/gpu_sitting.sh OUT_DIR DATA_SOURCE SECONDS [--config.FIELD=VALUE ...]
 #
 # Overrides apply to the study's grid (configs/grid.py) and to its projection alike.
-# As a device call (scripts/prepare_device.sh prepares what it carries), with a timeout a minute
-# above SECONDS:
-#   command: scripts/gpu_sitting.sh $OUT folder:.device/data/cifar10-jpeg.tar.gz 500
-#   carry:   [".whl", ".device/data"]  (and ".device/runs" to continue an earlier sitting's grid)
+# As a device call (scripts/prepare_device.sh prepares what it carries), timeout_s 600, SECONDS
+# 570 (the last pack and the return need the rest):
+#   command: scripts/gpu_sitting.sh $OUT folder:.device/data/cifar10-jpeg.tar.gz 570
+#   carry:   [".whl", ".device/data"]
+# The second H200 sitting: SITTING_CONTINUE=results/2026-11-30-h200/grid_records.tar.gz
+# SITTING_BENCH=results/2026-11-30-h200/bench.json SITTING_PROFILE=0 before the command; the
+# plan then has about 490 s for ResNet-18's share (projected 471 s: a thin margin).
 # What comes back: OUT_DIR/results.tar.gz (the runs' results and reports) and OUT_DIR/sitting/
 # (each phase's log, bench.json, run_log.json for `python -m cifar_jax.publish --run_log`).
 # Env: SITTING_MODELS (study models, in order of preference), BENCH_SECONDS (the bench's share),
@@ -62,16 +65,23 @@ python3 scripts/sitting_plan.py --bench_json "$STAGE/bench.json" \
   --seconds_left "$(( $(left) - 30 ))" \
   --candidates "${SITTING_MODELS:-resnet18,alexnet,mobilenetv2}" --grid_workdir "$RUNS/grid" \
   --config configs/grid.py "${GRID[@]}" > "$STAGE/plan.txt"
-done_models=""  # each grid process lists them too, so that its report covers every model
+# finished MODEL...: the candidates whose grid ended with every selected trial tested, as
+# "m1,m2," (each grid process lists them too, so that its report covers every model).
+finished() {
+  python3 scripts/sitting_plan.py --finished_only --grid_workdir "$RUNS/grid" \
+    --candidates "${SITTING_MODELS:-resnet18,alexnet,mobilenetv2}" --config configs/grid.py \
+    "${GRID[@]}" | awk '{printf "%s,", $2}'
+}
 while read -r kind model pack projected; do
-  rc=0
-  if [ "$kind" = run ]; then
-    phase study "$(( $(left) - 10 ))" "$@" --config.grid.models="${done_models}$model" \
-      --config.grid.pack_size="$pack" < /dev/null
-    rc=$?
-    echo "=== study $model: exit $rc, projected $projected s"
+  [ "$kind" = run ] || continue
+  if [ "$(left)" -lt "$projected" ]; then
+    echo "=== study $model: projected $projected s, $(left) s left: not started"; continue
   fi
-  case $rc in 0|1) done_models="${done_models}$model," ;; esac  # 1: ended, a trial failed
+  phase study "$(( $(left) - 10 ))" "$@" --config.grid.models="$(finished)$model" \
+    --config.grid.pack_size="$pack" < /dev/null
+  rc=$?
+  echo "=== study $model: exit $rc, projected $projected s"
+  case $rc in 124|137) break ;; esac  # stopped at the sitting's limit: nothing else fits
 done < "$STAGE/plan.txt"
 if [ "${SITTING_PROFILE:-1}" = 1 ] && [ "$(left)" -gt 90 ]; then
   phase profile "$(( $(left) - 10 ))"

@@ -41,7 +41,9 @@ cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
 memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 log["machine"] = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()}"
 log["versions"] = versions
-json.dump(log, open(path, "w"), indent=2)
+with open(path + ".tmp", "w") as f:  # atomic: a time limit's SIGKILL may come mid-write
+    json.dump(log, f, indent=2)
+os.replace(path + ".tmp", path)
 PY
   return "$rc"
 }

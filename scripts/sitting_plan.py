@@ -32,11 +32,12 @@ START_SECONDS = 45  # a grid process: imports, reading the JPEG archive, the rep
 # rest mostly 10 saves of 4 x 266 MB: about 0.67 GB/s.
 CHECKPOINT_BYTES_PER_S = 0.67e9
 
-flags.DEFINE_string("bench_json", None, "The sitting's bench (cifar_jax.bench --out).")
-flags.DEFINE_float("seconds_left", None, "Seconds the study may take.")
+flags.DEFINE_string("bench_json", "", "The sitting's bench (cifar_jax.bench --out).")
+flags.DEFINE_float("seconds_left", 0.0, "Seconds the study may take.")
 flags.DEFINE_list("candidates", "resnet18,alexnet,mobilenetv2",
                   "The study's models, in order of preference.")
 flags.DEFINE_string("grid_workdir", None, "The study's grid workdir, if it exists.")
+flags.DEFINE_bool("finished_only", False, "Print only the `done MODEL` lines (no bench needed).")
 config_flags.DEFINE_config_file("config", "configs/grid.py", "The grid the study runs.")
 
 
@@ -52,14 +53,21 @@ def projected_seconds(row, study, repeats: int, params: int) -> float:
 
 
 def finished_models(workdir, config, models):
-    """The models whose grid trials and repeat seeds have all finished in `workdir`."""
+    """The models whose grid trials and repeat seeds have all finished in `workdir`, and whose
+    selected trials have their test accuracy (the weights behind it do not travel)."""
     if not workdir or not os.path.isdir(workdir):
         return []
     best = report.best_configurations(workdir, config)  # models whose grid has finished
-    finished = ("completed", "diverged")
-    return [m for m in models if m in best and all(
-        trials_lib.trial_status(workdir, t) in finished
-        for t in report.repeat_trials(config, best) if t.model == m)]
+    rows = report.collect(workdir, trials_lib.expand(config) + report.repeat_trials(config, best))
+
+    def done(model):
+        mine = [r for r in rows if r["model"] == model]
+        selected = [r for r in mine if r["trial"].config_name == best[model].name]
+        return (all(r["status"] in ("completed", "diverged") for r in mine)
+                and all(r["test_accuracy"] is not None for r in selected
+                        if r["status"] == "completed"))
+
+    return [m for m in models if m in best and done(m)]
 
 
 def plan(rows, seconds_left: float, models, repeats: int, study, params):
@@ -85,6 +93,13 @@ def plan(rows, seconds_left: float, models, repeats: int, study, params):
 def main(argv):
     del argv
     config = flags.FLAGS.config
+    models = [m for m in flags.FLAGS.candidates if m]
+    config.grid.models = ",".join(models)  # the study's trials of every candidate
+    done = finished_models(flags.FLAGS.grid_workdir, config, models)
+    for model in done:
+        print("done", model)
+    if flags.FLAGS.finished_only:
+        return
     try:
         with open(flags.FLAGS.bench_json) as f:
             measured = json.load(f)
@@ -93,17 +108,11 @@ def main(argv):
         print(f"no bench results in {flags.FLAGS.bench_json} ({e}); no model is run",
               file=sys.stderr)
         return
-    models = [m for m in flags.FLAGS.candidates if m]
-    config.grid.models = ",".join(models)  # the study's trials of every candidate
-    repeats = len(trials_lib.repeat_seeds(config))
-    done = finished_models(flags.FLAGS.grid_workdir, config, models)
-    for model in done:
-        print("done", model)
     todo = [m for m in models if m not in done]
-    for model, pack_size, seconds in plan(rows, flags.FLAGS.seconds_left, todo, repeats,
+    for model, pack_size, seconds in plan(rows, flags.FLAGS.seconds_left, todo,
+                                          len(trials_lib.repeat_seeds(config)),
                                           bench.study_shape(config), params):
         print("run", model, pack_size, round(seconds))
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["bench_json", "seconds_left"])
     app.run(main)

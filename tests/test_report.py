@@ -142,7 +142,8 @@ def test_publish_names_a_part_of_the_study_and_keeps_its_evaluations():
             "epochs": 10, "batch": 128, "source": "folder:cifar10-jpeg.tar.gz"}
     assert publish.is_study_part(part) and not publish.is_study(part)
     assert "**Part of the study**" in publish.definition(part, "1x GPU", 0)
-    for changed in ({"per_model": collections.Counter(alexnet=16)}, {"epochs": 2}):
+    for changed in ({"per_model": collections.Counter(alexnet=16)}, {"epochs": 2},
+                    {"source": "synthetic"}, {"finished": set()}):
         assert "**Not the study**" in publish.definition(dict(part, **changed), "1x GPU", 0)
     summary = ("[a](trials/alexnet/x/evaluation/test/summary.md), "
                "[b](trials/../../etc/evaluation/test/summary.md)")
