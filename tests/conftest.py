@@ -9,7 +9,7 @@ if ROOT not in sys.path:
 
 # One persistent compilation cache for the whole session, shared by this process and every
 # subprocess a test starts (through the CLI flag below): most tests compile the same small
-# AlexNet programs, which then compile once.
+# programs (the tiny CNN, AlexNet), which then compile once.
 CACHE_DIR = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"),
                          f"cifar_jax_test_xla_cache_{os.getuid()}")
 CACHE_FLAG = f"--config.compilation_cache_dir={CACHE_DIR}"
