@@ -153,16 +153,15 @@ def _exit_now_if_write_failed(error: BaseException, code: int) -> None:
     from cifar_jax import workdir
 
     if isinstance(error, workdir.WriteError):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_at_once(code)
 
 
 def _exit_at_once(code: int) -> None:
-    """Exits without the interpreter's shutdown. An interruption outside training can come in
-    the middle of a compilation or a data load, whose threads may still run; finalising the
-    interpreter under them has crashed (exit 139 instead of 143). The `with` blocks between
-    here and the interruption have already released what they held."""
+    """Exits without the interpreter's shutdown, whose waits and crashes the callers avoid.
+    An interruption outside training can come in the middle of a compilation or a data load,
+    whose threads may still run; finalising the interpreter under them has crashed (exit 139
+    instead of 143). The `with` blocks between here and the error have already released what
+    they held."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

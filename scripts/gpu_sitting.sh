@@ -35,10 +35,7 @@ export RUNS=${RUNS:-.device/runs} PACK="$(mkdir -p "$OUT" && cd "$OUT" && pwd)/r
 STAGE="$OUT/sitting"
 mkdir -p "$STAGE" "$RUNS"
 source scripts/run_log.sh
-if ls .whl/*.whl >/dev/null 2>&1; then  # the plan needs ml_collections too
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+install_wheels  # the plan needs ml_collections too
 if [ -n "${SITTING_CONTINUE:-}" ]; then tar xzf "$SITTING_CONTINUE" -C "$RUNS" || exit 2; fi
 deadline=$(( $(date +%s) + TOTAL ))
 left() { echo $(( deadline - $(date +%s) )); }

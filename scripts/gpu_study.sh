@@ -34,10 +34,6 @@ shift 3
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-.device/runs}
 mkdir -p "$OUT" "$RUNS"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # A time limit's SIGTERM (gpu_sitting.sh) stops the phase's command; the phase is still
 # recorded in run_log.json and its results packed.
@@ -46,6 +42,7 @@ COMMON=(--config.data.source="$DATA" --config.compilation_cache_dir="$RUNS/xla_c
 
 # run NAME LOG_JSON COMMAND...: runs it, logs its output, records command, versions and time.
 source scripts/run_log.sh
+install_wheels
 LOG="$OUT/run_log.json"
 
 case "$PHASE" in

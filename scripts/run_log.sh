@@ -58,3 +58,13 @@ pack_results() {
      -o -name results.csv -o -name summary.md -o -name '*.png' -o -name '*.hlo.txt' \) -print \
      | tar czf "$tar" -T -)
 }
+
+# install_wheels: the pure-Python wheels in .whl/ (scripts/prepare_device.sh), for images that
+# lack them, into /tmp/site on PYTHONPATH; once per process tree (a sitting's phases inherit it).
+install_wheels() {
+  case ":${PYTHONPATH:-}:" in *:/tmp/site:*) return 0 ;; esac
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}

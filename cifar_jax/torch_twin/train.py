@@ -110,12 +110,11 @@ def _load(path: str, device, remedy: str = "Move it away and run again: the twin
 
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, None):  # a permission or disk error, not damage
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+        # OSError EINVAL: a truncated archive (torch's zip reader seeks past its end); other
+        # OS errors (permission, disk) are not damage and stay as they are.
+        if isinstance(e, OSError) and e.errno not in (errno.EINVAL, None):
             raise
-        # A truncated archive: torch's zip reader seeks past its end.
-        raise CheckpointError(f"{path} is unreadable ({error_summary(e)}). {remedy}") from e
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable ({error_summary(e)}). {remedy}") from e
 
 
