@@ -13,9 +13,10 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 
+from cifar_jax import datasets
+from cifar_jax.datasets import DatasetInfo
+
 AUGMENTATIONS = ("none", "basic", "advanced")
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PAD = 4
 JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)
 
@@ -64,12 +65,12 @@ def color_jitter(key, images):
     return jax.vmap(_jitter_one)(keys, images)
 
 
-def normalize(images, dtype=jnp.float32):
-    """uint8 or [0, 1] float images -> standardised with the CIFAR-10 channel statistics."""
+def normalize(images, dtype=jnp.float32, info: DatasetInfo = datasets.CIFAR10):
+    """uint8 or [0, 1] float images -> standardised with the data set's channel statistics."""
     if images.dtype == jnp.uint8:
         images = images.astype(jnp.float32) / 255.0
-    mean = jnp.asarray(CIFAR10_MEAN, jnp.float32)
-    std = jnp.asarray(CIFAR10_STD, jnp.float32)
+    mean = jnp.asarray(info.mean, jnp.float32)
+    std = jnp.asarray(info.std, jnp.float32)
     return ((images - mean) / std).astype(dtype)
 
 
@@ -79,8 +80,8 @@ def augmentation_index(mode: str) -> int:
     return AUGMENTATIONS.index(mode)
 
 
-def augment(key, images, level, dtype=jnp.float32):
-    """uint8 [N, 32, 32, 3] -> augmented, normalised `dtype` images.
+def augment(key, images, level, dtype=jnp.float32, info: DatasetInfo = datasets.CIFAR10):
+    """uint8 [N, 32, 32, 3] -> augmented `dtype` images, normalised with `info`'s statistics.
 
     `level` is an index into AUGMENTATIONS (a mode name is accepted too), possibly traced:
     crop and flip apply from 'basic' on, colour jitter from 'advanced' on.
@@ -91,4 +92,4 @@ def augment(key, images, level, dtype=jnp.float32):
     moved = random_flip(k_flip, random_crop(k_crop, images))
     images = jnp.where(level >= 1, moved, images).astype(jnp.float32) / 255.0
     images = jax.lax.cond(level >= 2, lambda x: color_jitter(k_jitter, x), lambda x: x, images)
-    return normalize(images, dtype)
+    return normalize(images, dtype, info)

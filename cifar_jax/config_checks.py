@@ -11,6 +11,7 @@ from typing import Any, Dict, List
 import ml_collections
 
 from cifar_jax.augment import AUGMENTATIONS
+from cifar_jax.datasets import DATASETS
 from cifar_jax.engine import PRECISIONS
 from cifar_jax.input_pipeline import DataError, parse_source
 from cifar_jax.models import MODELS
@@ -72,6 +73,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _choice(errors, "model", config.model, sorted(MODELS))
     _choice(errors, "optimizer", config.optimizer, OPTIMIZERS)
     _choice(errors, "data.augmentation", config.data.augmentation, AUGMENTATIONS)
+    _choice(errors, "data.dataset", config.data.get("dataset", "cifar10"), tuple(DATASETS))
     _choice(errors, "dtype", config.dtype, DTYPES)
     _choice(errors, "precision", config.precision, tuple(PRECISIONS))
     _choice(errors, "framework", config.framework, FRAMEWORKS)
@@ -170,14 +172,23 @@ def flatten(config) -> Dict[str, Any]:
 # Fields a resumed run cannot change, even with allow_config_change: they change the number of
 # steps, the data, or the shape of the saved state, so the checkpoint no longer fits.
 FIXED_ON_RESUME = frozenset({
-    "model", "framework", "batch_size", "num_epochs", "data.source", "data.val_size",
+    "model", "framework", "batch_size", "num_epochs", "data.dataset", "data.source",
+    "data.val_size",
     "data.split_seed", "data.synthetic_train_size", "data.synthetic_test_size",
 })
 
 
+# Fields added after configs were first stored, with the value a config without them meant.
+LATER_FIELDS = {"data.dataset": "cifar10"}
+
+
+def _stored(stored: Dict[str, Any]) -> Dict[str, Any]:
+    return {**LATER_FIELDS, **flatten(stored)}
+
+
 def result_changing_differences(stored: Dict[str, Any], current) -> List[str]:
     """Fields whose values differ between a stored and the current config, as readable lines."""
-    a, b = flatten(stored), flatten(current)
+    a, b = _stored(stored), flatten(current)
     lines = []
     for key in sorted(set(a) | set(b)):
         if key in NON_RESULT_FIELDS or key.startswith("grid."):
@@ -189,7 +200,7 @@ def result_changing_differences(stored: Dict[str, Any], current) -> List[str]:
 
 def fixed_field_changes(stored: Dict[str, Any], current) -> List[str]:
     """The differences that no resume can take (FIXED_ON_RESUME, and EMA on <-> off)."""
-    a, b = flatten(stored), flatten(current)
+    a, b = _stored(stored), flatten(current)
     lines = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(FIXED_ON_RESUME)
              if a.get(k) != b.get(k)]
     if (a.get("ema_decay", 0) > 0) != (b.get("ema_decay", 0) > 0):

@@ -29,7 +29,7 @@ from clu import metrics
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cifar_jax import augment, input_pipeline, models, optim
+from cifar_jax import augment, datasets, input_pipeline, models, optim
 
 # Sub-streams of a trial's key: each random choice has its own, folded with step or epoch.
 _INIT, _SHUFFLE, _AUGMENT, _DROPOUT = range(4)
@@ -81,6 +81,7 @@ class StaticSpec:
     """Everything that shapes a compiled program; trials that share it share the programs."""
 
     model: str
+    dataset: str  # datasets.DATASETS: the classifier's size and the normalisation statistics
     dtype: str
     precision: str
     batch_size: int
@@ -135,7 +136,8 @@ def static_spec(config, num_train: int, pack_size: int = 1, num_devices: int = 1
     """The compiled structure of `config`'s runs on a training set of `num_train` images
     (`largest_eval`: the size of its largest evaluation split, see `eval_batch_size`)."""
     return StaticSpec(
-        model=config.model, dtype=config.dtype, precision=config.precision,
+        model=config.model, dataset=datasets.of_config(config).name, dtype=config.dtype,
+        precision=config.precision,
         batch_size=config.batch_size,
         eval_batch_size=eval_batch_size(config, largest_eval, num_devices),
         num_train=num_train, num_epochs=config.num_epochs,
@@ -192,7 +194,7 @@ def train_step(state: TrainState, images, labels, perm, *, spec: StaticSpec, sha
     idx = jax.lax.dynamic_slice(perm, (start,), (spec.batch_size,))
     key = lambda stream: jax.random.fold_in(jax.random.fold_in(state.rng, stream), state.step)  # noqa: E731
     x = augment.augment(key(_AUGMENT), images[idx], state.hyper.augmentation,
-                        jnp.dtype(spec.dtype))
+                        jnp.dtype(spec.dtype), datasets.get(spec.dataset))
     y = labels[idx]
     if sharding is not None:
         x, y = (jax.lax.with_sharding_constraint(a, sharding) for a in (x, y))
@@ -254,7 +256,8 @@ def evaluate_batch(state, images, labels, mask, batch, *, spec: StaticSpec,
     x, y, m = take(images), take(labels), take(mask)
     if sharding is not None:
         x, y, m = (jax.lax.with_sharding_constraint(a, sharding) for a in (x, y, m))
-    logits = eval_logits(state, augment.normalize(x, jnp.dtype(spec.dtype)), spec)
+    x = augment.normalize(x, jnp.dtype(spec.dtype), datasets.get(spec.dataset))
+    logits = eval_logits(state, x, spec)
     return Metrics.single_from_model_output(loss=cross_entropy_loss(logits, y), logits=logits,
                                             labels=y, mask=m)
 
@@ -310,7 +313,8 @@ class Programs:
         self.replicated = NamedSharding(self.mesh, P())
         batch = NamedSharding(self.mesh, P("data"))
         precision = PRECISIONS[spec.precision]
-        model = models.get_model(spec.model, spec.depthwise, dtype=jnp.dtype(spec.dtype))
+        model = models.get_model(spec.model, spec.depthwise, dtype=jnp.dtype(spec.dtype),
+                                 num_classes=datasets.get(spec.dataset).num_classes)
         self.tx = optim.make_optimizer(spec.total_steps, spec.warmup_steps, spec.momentum,
                                        spec.nesterov, spec.decay_bn_and_bias)
         self.apply_fn = model.apply

@@ -73,18 +73,17 @@ def twin_module(trained):
     """The twin with the trained weights, wrapped to take uint8 NHWC images and return logits
     (normalisation and TTA inside), in eval mode on the CPU."""
     torch = _need("torch")
-    from cifar_jax import augment
     from cifar_jax.torch_twin import models
 
-    net = models.get_model(trained.config.model)
+    net = models.get_model(trained.config.model, num_classes=trained.info.num_classes)
     net.load_state_dict(trained.torch_state)
 
     class Deployable(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.net = net
-            self.register_buffer("mean", torch.tensor(augment.CIFAR10_MEAN).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(augment.CIFAR10_STD).view(1, 3, 1, 1))
+            self.register_buffer("mean", torch.tensor(trained.info.mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(trained.info.std).view(1, 3, 1, 1))
 
         def forward(self, images):
             x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
@@ -98,11 +97,11 @@ def twin_module(trained):
 
 def export_torch(trained, path: str) -> None:
     torch = _need("torch")
-    from cifar_jax import augment
 
     payload = {"model": trained.config.model, "state_dict": trained.torch_state,
                "classes": list(trained.classes), "tta_flip": trained.tta_flip,
-        "mean": list(augment.CIFAR10_MEAN), "std": list(augment.CIFAR10_STD),
+        "dataset": trained.info.name, "mean": list(trained.info.mean),
+        "std": list(trained.info.std),
         "input": "float NCHW in [0, 1], normalised with mean/std"}
     with _atomic(path) as tmp:
         torch.save(payload, tmp)

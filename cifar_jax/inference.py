@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cifar_jax import augment, checkpointing, input_pipeline, models
+from cifar_jax import augment, checkpointing, datasets, input_pipeline, models
 from cifar_jax import trials as trials_lib, workdir as workdir_lib
 from cifar_jax.workdir import WorkdirError
 
@@ -43,14 +43,20 @@ class TrainedModel:
         return bool(self.config.get("tta_flip", False))
 
     @property
+    def info(self) -> datasets.DatasetInfo:
+        """The data set it was trained on."""
+        return datasets.of_config(self.config)
+
+    @property
     def classes(self) -> Tuple[str, ...]:
-        return tuple(self.result.get("classes") or input_pipeline.CIFAR10_CLASSES)
+        return tuple(self.result.get("classes") or self.info.classes)
 
     @property
     def model(self):
-        """The Flax model as the run evaluated it: its dtype and depthwise form."""
+        """The Flax model as the run evaluated it: its dtype, depthwise form and classes."""
         return models.get_model(self.config.model, self.config.get("depthwise", "auto"),
-                                dtype=jnp.dtype(self.config.get("dtype", "float32")))
+                                dtype=jnp.dtype(self.config.get("dtype", "float32")),
+                                num_classes=self.info.num_classes)
 
     @property
     def precision(self) -> str:
@@ -64,7 +70,7 @@ class TrainedModel:
         from cifar_jax.torch_twin import convert
 
         template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), flax_template(
-            self.config.model))
+            self.config.model, self.info.num_classes))
         try:
             return convert.torch_to_flax(self.weights, template)
         except (KeyError, ValueError) as e:
@@ -95,22 +101,24 @@ class TrainedModel:
         the training normalisation, the model in inference mode at the run's precision and,
         where the run (or `tta_flip`) says so, the mean with the mirror image's logits."""
         return functools.partial(_logits, self.model, self.tta_flip if tta_flip is None
-                                 else tta_flip, self.precision)
+                                 else tta_flip, self.precision, self.info)
 
 
-def _logits(model, tta_flip: bool, precision: str, variables, images):
+def _logits(model, tta_flip: bool, precision: str, info: datasets.DatasetInfo, variables,
+            images):
     from cifar_jax.engine import PRECISIONS
 
     with jax.default_matmul_precision(PRECISIONS[precision]):
-        x = augment.normalize(images, model.dtype)
+        x = augment.normalize(images, model.dtype, info)
         out = model.apply(variables, x, train=False)
         if tta_flip:
             out = 0.5 * (out + model.apply(variables, x[:, :, ::-1, :], train=False))
     return out
 
 
-# Compiled once per (model, TTA, precision, batch shape): the trials of one model share it.
-_jitted_logits = jax.jit(_logits, static_argnums=(0, 1, 2))
+# Compiled once per (model, TTA, precision, data set, batch shape): the trials of one model
+# share it.
+_jitted_logits = jax.jit(_logits, static_argnums=(0, 1, 2, 3))
 
 
 class Predictor:
@@ -124,10 +132,10 @@ class Predictor:
         if trained.framework == "torch":
             self._batch = _twin_forward(trained, self.tta_flip)
         else:
-            model, precision = trained.model, trained.precision
+            model, precision, info = trained.model, trained.precision, trained.info
             variables = jax.device_put(trained.variables)
             self._batch = lambda x: np.asarray(_jitted_logits(  # noqa: E731
-                model, self.tta_flip, precision, variables, x))
+                model, self.tta_flip, precision, info, variables, x))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         out = []
@@ -153,7 +161,7 @@ def _twin_forward(trained: TrainedModel, tta_flip: bool) -> Callable:
 
     @torch.no_grad()
     def forward(images):
-        x = twin_augment.augment(images, "none", None).to(device)
+        x = twin_augment.augment(images, "none", None, trained.info).to(device)
         logits = net(x).float()
         if tta_flip:
             logits = 0.5 * (logits + net(x.flip(3)).float())
@@ -162,9 +170,9 @@ def _twin_forward(trained: TrainedModel, tta_flip: bool) -> Callable:
     return forward
 
 
-def flax_template(model: str) -> Dict[str, Any]:
+def flax_template(model: str, num_classes: int = 10) -> Dict[str, Any]:
     """The shapes of a model's {'params', 'batch_stats'} (nothing computed)."""
-    shapes = jax.eval_shape(lambda: models.get_model(model).init(
+    shapes = jax.eval_shape(lambda: models.get_model(model, num_classes=num_classes).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
     return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
 
@@ -280,7 +288,7 @@ def load_run(directory: str, description: str, grid_trial: str = "") -> TrainedM
 def _jax_weights(directory: str, config) -> Dict[str, Any]:
     """The weights a completed JAX run kept (best_weights/: the EMA average where it kept
     one), or its best epoch's checkpoint where it kept full checkpoints instead."""
-    template = flax_template(config.model)
+    template = flax_template(config.model, datasets.of_config(config).num_classes)
     ema = config.get("ema_decay", 0) > 0
     kept = {**template, **({"ema": template} if ema else {})}
     if os.path.isdir(os.path.join(directory, "best_weights")):

@@ -1,8 +1,11 @@
-"""CIFAR-10 acquisition: every source becomes uint8 NHWC arrays, split into train/val/test.
+"""Data acquisition: every source becomes uint8 NHWC arrays, split into train/val/test.
 
-Sources (`config.data.source`):
-  tfds             tensorflow-datasets 'cifar10' (downloads on first use where a network exists)
-  cifar_dir:PATH   the python-pickle folder 'cifar-10-batches-py' that torchvision downloads
+The data set (`config.data.dataset`: CIFAR-10 or CIFAR-100, see `datasets.py`) says what to
+expect; the source (`config.data.source`) where to read it:
+  tfds             tensorflow-datasets 'cifar10' / 'cifar100' (downloads on first use where a
+                   network exists)
+  cifar_dir:PATH   the python-pickle folder its authors distribute ('cifar-10-batches-py' /
+                   'cifar-100-python', as torchvision downloads it; CIFAR-100: fine labels)
   folder:PATH      train/<class>/* and test/<class>/* images (PNG/JPEG), a directory or a
                    .tar/.tar.gz of one; class index = position of the folder name in sorted order
   synthetic        deterministic random images with a learnable class signal, any size
@@ -24,10 +27,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from absl import logging
 
-NUM_CLASSES = 10
+from cifar_jax import datasets
+from cifar_jax.datasets import DatasetInfo
+
 IMAGE_SHAPE = (32, 32, 3)
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SOURCE_KINDS = ("tfds", "cifar_dir:PATH", "folder:PATH", "synthetic")
 
@@ -51,7 +54,8 @@ class Dataset:
     val: Optional[Split]  # None when val_size == 0
     test: Split
     source: str
-    classes: Tuple[str, ...] = CIFAR10_CLASSES  # class names, by label
+    info: DatasetInfo = datasets.CIFAR10  # which data set it is
+    classes: Tuple[str, ...] = datasets.CIFAR10.classes  # class names, by label (a folder's own)
 
     @property
     def largest_eval(self) -> int:
@@ -89,7 +93,7 @@ class _CifarUnpickler(pickle.Unpickler):
         if (module, name) in self.SCALARS:
             return _integer_scalar
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch "
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch "
                                          "holds only arrays, lists, bytes and integers")
         return super().find_class(module, name)
 
@@ -97,22 +101,23 @@ class _CifarUnpickler(pickle.Unpickler):
 def _integer_scalar(dtype, data):
     """numpy's scalar reconstructor, for integer scalars only (as safe as Python ints)."""
     if not isinstance(dtype, np.dtype) or dtype.kind not in "iu" or not isinstance(data, bytes):
-        raise pickle.UnpicklingError(f"refusing a numpy scalar of dtype {dtype}: a CIFAR-10 "
+        raise pickle.UnpicklingError(f"refusing a numpy scalar of dtype {dtype}: a CIFAR "
                                      "batch holds only integer scalars")
     return np.frombuffer(data, dtype, count=1)[0]
 
 
-def _read_cifar_batch(file: str) -> Split:
-    """One pickled CIFAR-10 batch, checked field by field."""
+def _read_cifar_batch(file: str, info: DatasetInfo) -> Split:
+    """One pickled batch of `info`'s data set, checked field by field."""
+    key = info.pickle_labels
     try:
         with open(file, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:  # pickle errors come in many types
-        raise DataError(f"cifar_dir: cannot read {file!r} as a CIFAR-10 batch: {e}") from e
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DataError(f"cifar_dir: {file!r} is not a CIFAR-10 batch (expected a dict with "
-                        "b'data' and b'labels').")
-    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+        raise DataError(f"cifar_dir: cannot read {file!r} as a {info.title} batch: {e}") from e
+    if not isinstance(batch, dict) or b"data" not in batch or key not in batch:
+        raise DataError(f"cifar_dir: {file!r} is not a {info.title} batch (expected a dict with "
+                        f"b'data' and {key!r}).")
+    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[key])
     if data.size == 0:
         raise DataError(f"cifar_dir: {file!r} holds no images.")
     problems = []
@@ -123,33 +128,36 @@ def _read_cifar_batch(file: str) -> Split:
     if labels.ndim != 1 or len(labels) != len(data):
         problems.append(f"labels of shape {labels.shape} for {len(data)} images (expected "
                         f"({len(data)},))")
-    elif not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= 10:
-        problems.append(f"labels outside 0..9 (dtype {labels.dtype}, range "
-                        f"{labels.min()}..{labels.max()})")
+    elif (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
+          or labels.max() >= info.num_classes):
+        problems.append(f"labels outside 0..{info.num_classes - 1} (dtype {labels.dtype}, "
+                        f"range {labels.min()}..{labels.max()})")
     if problems:
         raise DataError(f"cifar_dir: {file!r} is malformed: {'; '.join(problems)}.")
     return Split(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int32))
 
 
-def load_cifar_dir(path: str) -> Tuple[Split, Split]:
-    """Reads the python-pickle CIFAR-10 folder (data_batch_1..5, test_batch)."""
+def load_cifar_dir(path: str, info: DatasetInfo = datasets.CIFAR10) -> Tuple[Split, Split]:
+    """Reads `info`'s python-pickle folder (CIFAR-10: data_batch_1..5 and test_batch;
+    CIFAR-100: train and test)."""
+    expected = list(info.pickle_train) + [info.pickle_test]
+    layout = f"the {info.pickle_folder!r} folder with {', '.join(expected)}"
     if not os.path.isdir(path):
         raise DataError(f"cifar_dir: {path!r} does not exist or is not a directory. Expected "
-                        "the 'cifar-10-batches-py' folder with data_batch_1..5 and test_batch.")
-    expected = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+                        f"{layout} ({info.title}; config.data.dataset={info.name!r}).")
     missing = [f for f in expected if not os.path.isfile(os.path.join(path, f))]
     if missing:
         found = sorted(os.listdir(path))[:10]
         raise DataError(
             f"cifar_dir: {path!r} lacks {', '.join(missing)}. Found: {found or 'nothing'}. "
-            f"Expected the 'cifar-10-batches-py' layout: {', '.join(expected)}.")
+            f"Expected {layout} ({info.title}; config.data.dataset={info.name!r}).")
 
     def read(names):
-        parts = [_read_cifar_batch(os.path.join(path, n)) for n in names]
+        parts = [_read_cifar_batch(os.path.join(path, n), info) for n in names]
         return Split(np.concatenate([p.images for p in parts]),
                      np.concatenate([p.labels for p in parts]))
 
-    return read(expected[:5]), read(expected[5:])
+    return read(expected[:-1]), read(expected[-1:])
 
 
 def is_junk(name: str) -> bool:
@@ -268,13 +276,16 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         raise DataError(f"cannot decode image {name!r}: {e}") from e
 
 
-def load_folder(path: str) -> Tuple[Split, Split]:
+def load_folder(path: str, info: DatasetInfo = datasets.CIFAR10) -> Tuple[Split, Split]:
     """Reads train/<class>/* and test/<class>/* from a directory or tar archive."""
-    return read_folder(path)[:2]
+    return read_folder(path, info)[:2]
 
 
-def read_folder(path: str) -> Tuple[Split, Split, Tuple[str, ...]]:
-    """`load_folder`, and the class names (the sorted folder names, by label)."""
+def read_folder(path: str, info: DatasetInfo = datasets.CIFAR10
+                ) -> Tuple[Split, Split, Tuple[str, ...]]:
+    """`load_folder`, and the class names (the sorted folder names, by label), which must be
+    as many as `info`'s classes."""
+    num_classes = info.num_classes
     reader = _TreeReader(path)
     tree = reader.tree()
     if "train" not in tree or "test" not in tree:
@@ -286,7 +297,7 @@ def read_folder(path: str) -> Tuple[Split, Split, Tuple[str, ...]]:
              sorted(tree[split].items()) if not names]
     full = {split: {c: names for c, names in tree[split].items() if names}
             for split in ("train", "test")}
-    if empty and (len(full["train"]) != NUM_CLASSES or sorted(full["test"]) != sorted(
+    if empty and (len(full["train"]) != num_classes or sorted(full["test"]) != sorted(
             full["train"])):  # else folders without images beside the classes are passed over
         raise DataError(f"folder: {path!r}: the class folder{'s' if len(empty) > 1 else ''} "
                         f"{', '.join(empty)} hold{'' if len(empty) > 1 else 's'} no images "
@@ -294,11 +305,12 @@ def read_folder(path: str) -> Tuple[Split, Split, Tuple[str, ...]]:
                         "Every class needs images in train/ and in test/.")
     tree = full
     classes = sorted(tree["train"])
-    if len(classes) != NUM_CLASSES or sorted(tree["test"]) != classes:
+    if len(classes) != num_classes or sorted(tree["test"]) != classes:
         raise DataError(
-            f"folder: {path!r} must have the same {NUM_CLASSES} class folders in train/ and "
-            f"test/; found {len(classes)} in train ({classes}) and {len(tree['test'])} in test "
-            f"({sorted(tree['test'])}).")
+            f"folder: {path!r} must have the same {num_classes} class folders in train/ and "
+            f"test/ ({info.title}; config.data.dataset={info.name!r}); found {len(classes)} in "
+            f"train ({classes[:12]}{' ...' if len(classes) > 12 else ''}) and "
+            f"{len(tree['test'])} in test.{_other_dataset_hint(len(classes), info)}")
 
     def decode(name: str) -> np.ndarray:
         try:
@@ -315,17 +327,26 @@ def read_folder(path: str) -> Tuple[Split, Split, Tuple[str, ...]]:
         return Split(np.stack([decode(n) for _, n in names]),
                      np.asarray([label for label, _ in names], np.int32))
 
-    logging.info("Decoding images from %s (classes: %s)", path, ", ".join(classes))
+    logging.info("Decoding %s images from %s (classes: %s)", info.title, path,
+                 ", ".join(classes) if len(classes) <= 10 else f"{len(classes)} folders")
     return read("train"), read("test"), tuple(classes)
 
 
-CIFAR10_DOWNLOAD_HOST = "www.cs.toronto.edu"  # where tensorflow-datasets fetches CIFAR-10
-_OFFLINE_SOURCES = ("Offline, point the run at a copy you already have: "
-                    "--config.data.source=cifar_dir:/path/to/cifar-10-batches-py or "
-                    "--config.data.source=folder:/path/to/cifar10_images(.tar.gz).")
+def _other_dataset_hint(found: int, info: DatasetInfo) -> str:
+    """' If these are CIFAR-100 images, set --config.data.dataset=cifar100.' where `found`
+    classes fit another data set."""
+    fits = [d for d in datasets.DATASETS.values() if d.num_classes == found and d != info]
+    return (f" If these are {fits[0].title} images, set --config.data.dataset={fits[0].name}."
+            if fits else "")
 
 
-def download_reachable(host: str = CIFAR10_DOWNLOAD_HOST, timeout: float = 5.0) -> bool:
+def _offline_sources(info: DatasetInfo) -> str:
+    return ("Offline, point the run at a copy you already have: "
+            f"--config.data.source=cifar_dir:/path/to/{info.pickle_folder} or "
+            f"--config.data.source=folder:/path/to/{info.name}_images(.tar.gz).")
+
+
+def download_reachable(host: str = datasets.CIFAR10.download_host, timeout: float = 5.0) -> bool:
     """Whether `host` accepts a connection within `timeout` seconds (name lookup included)."""
     answer = []
 
@@ -342,8 +363,10 @@ def download_reachable(host: str = CIFAR10_DOWNLOAD_HOST, timeout: float = 5.0) 
     return bool(answer and answer[0])
 
 
-def load_tfds(data_dir: Optional[str]) -> Tuple[Split, Split]:
-    """tensorflow-datasets 'cifar10', downloaded and prepared in `data_dir` on first use."""
+def load_tfds(data_dir: Optional[str], info: DatasetInfo = datasets.CIFAR10
+              ) -> Tuple[Split, Split]:
+    """tensorflow-datasets' builder of `info` ('cifar10', 'cifar100': fine labels), downloaded
+    and prepared in `data_dir` on first use."""
     from cifar_jax import native
 
     native.hide_gpus_from_tensorflow()  # imports TensorFlow quietly, before tfds does
@@ -355,14 +378,14 @@ def load_tfds(data_dir: Optional[str]) -> Tuple[Split, Split]:
             f"({e}). Install it (pip install -e . does), or use "
             "config.data.source='cifar_dir:...' or 'folder:...'.") from e
     try:
-        builder = tfds.builder("cifar10", data_dir=data_dir)
+        builder = tfds.builder(info.tfds_name, data_dir=data_dir)
         if not builder.is_prepared():
-            if not download_reachable():
+            if not download_reachable(info.download_host):
                 raise DataError(
-                    f"CIFAR-10 is not in the tensorflow-datasets directory ({builder.data_dir}) "
-                    f"and its download host {CIFAR10_DOWNLOAD_HOST} cannot be reached (no "
-                    f"network?). {_OFFLINE_SOURCES}")
-            logging.info("Downloading and preparing CIFAR-10 into %s ...", builder.data_dir)
+                    f"{info.title} is not in the tensorflow-datasets directory "
+                    f"({builder.data_dir}) and its download host {info.download_host} cannot be "
+                    f"reached (no network?). {_offline_sources(info)}")
+            logging.info("Downloading and preparing %s into %s ...", info.title, builder.data_dir)
             builder.download_and_prepare()
         splits = builder.as_dataset(split=["train", "test"], as_supervised=True)
     except DataError:
@@ -370,11 +393,11 @@ def load_tfds(data_dir: Optional[str]) -> Tuple[Split, Split]:
     except ModuleNotFoundError as e:
         raise DataError(f"tensorflow-datasets needs the Python module {e.name!r}, which is not "
                         f"installed: pip install {e.name} (pip install -e . installs it). "
-                        f"{_OFFLINE_SOURCES}") from e
+                        f"{_offline_sources(info)}") from e
     except Exception as e:
         raise DataError(
-            f"CIFAR-10 could not be loaded or downloaded by tensorflow-datasets "
-            f"(data_dir={data_dir!r}): {type(e).__name__}: {e}\n{_OFFLINE_SOURCES}") from e
+            f"{info.title} could not be loaded or downloaded by tensorflow-datasets "
+            f"(data_dir={data_dir!r}): {type(e).__name__}: {e}\n{_offline_sources(info)}") from e
 
     def to_split(ds):
         # Batched iteration rather than batch_size=-1, which aborts inside TF on some builds.
@@ -385,17 +408,18 @@ def load_tfds(data_dir: Optional[str]) -> Tuple[Split, Split]:
     return to_split(splits[0]), to_split(splits[1])
 
 
-def make_synthetic(num_train: int, num_test: int, seed: int = 1234) -> Tuple[Split, Split]:
+def make_synthetic(num_train: int, num_test: int, seed: int = 1234,
+                   num_classes: int = 10) -> Tuple[Split, Split]:
     """Noise images with a class-dependent colour tint and stripe pattern: learnable quickly."""
     rng = np.random.default_rng(seed)
-    tints = rng.uniform(-60, 60, size=(NUM_CLASSES, 1, 1, 3))
-    freqs = np.arange(1, NUM_CLASSES + 1)
+    tints = rng.uniform(-60, 60, size=(num_classes, 1, 1, 3))
+    freqs = np.arange(num_classes) % 10 + 1  # beyond 10 classes, tint and angle tell them apart
     ys, xs = np.mgrid[0:32, 0:32]
 
     def make(n):
-        labels = np.arange(n) % NUM_CLASSES
+        labels = np.arange(n) % num_classes
         rng.shuffle(labels)
-        angle = (labels[:, None, None] * np.pi / NUM_CLASSES)
+        angle = (labels[:, None, None] * np.pi / num_classes)
         phase = np.cos(freqs[labels][:, None, None] * 0.2 *
                        (xs * np.cos(angle) + ys * np.sin(angle)))
         images = 128 + rng.normal(0, 40, size=(n, 32, 32, 3)) + tints[labels]
@@ -424,31 +448,35 @@ def stratified_val_indices(labels: np.ndarray, val_size: int, split_seed: int) -
     return np.sort(np.concatenate(picked))
 
 
-def _check_split(split: Split, name: str, source: str):
+def _check_split(split: Split, name: str, source: str, info: DatasetInfo):
     if split.images.dtype != np.uint8 or split.images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{source}: {name} images are {split.images.dtype} "
                         f"{split.images.shape}; expected uint8 [N, 32, 32, 3].")
-    found = np.unique(split.labels)
-    if len(found) != NUM_CLASSES or found.min() != 0 or found.max() != NUM_CLASSES - 1:
-        raise DataError(f"{source}: the {name} split has {len(found)} classes ({found.tolist()}); "
-                        f"CIFAR-10 needs exactly {NUM_CLASSES} (labels 0..9).")
+    found, k = np.unique(split.labels), info.num_classes
+    if len(found) != k or found.min() != 0 or found.max() != k - 1:
+        raise DataError(f"{source}: the {name} split has {len(found)} classes "
+                        f"({found.tolist()[:12]}{' ...' if len(found) > 12 else ''}); "
+                        f"{info.title} needs exactly {k} (labels 0..{k - 1}).")
 
 
 def load_dataset(data_config) -> Dataset:
-    """Loads `data_config.source` and splits off the stratified validation set."""
+    """Loads `data_config.source` as `data_config.dataset` and splits off the stratified
+    validation set."""
+    info = datasets.get(data_config.get("dataset", "cifar10"))  # .get: configs stored before it
     kind, path = parse_source(data_config.source)
-    classes = CIFAR10_CLASSES
+    classes = info.classes
     if kind == "tfds":
-        train, test = load_tfds(data_config.get("tfds_data_dir"))
+        train, test = load_tfds(data_config.get("tfds_data_dir"), info)
     elif kind == "cifar_dir":
-        train, test = load_cifar_dir(path)
+        train, test = load_cifar_dir(path, info)
     elif kind == "folder":
-        train, test, classes = read_folder(path)
+        train, test, classes = read_folder(path, info)
     else:
         train, test = make_synthetic(data_config.synthetic_train_size,
-                                     data_config.synthetic_test_size)
-    _check_split(train, "train", data_config.source)
-    _check_split(test, "test", data_config.source)
+                                     data_config.synthetic_test_size,
+                                     num_classes=info.num_classes)
+    _check_split(train, "train", data_config.source, info)
+    _check_split(test, "test", data_config.source, info)
 
     val_size = data_config.val_size
     if not 0 <= val_size < len(train):
@@ -461,4 +489,5 @@ def load_dataset(data_config) -> Dataset:
         keep[val_idx] = False
         val = Split(train.images[val_idx], train.labels[val_idx])
         train = Split(train.images[keep], train.labels[keep])
-    return Dataset(train=train, val=val, test=test, source=data_config.source, classes=classes)
+    return Dataset(train=train, val=val, test=test, source=data_config.source, info=info,
+                   classes=classes)

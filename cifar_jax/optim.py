@@ -31,8 +31,9 @@ def unit_schedule(total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
 
 
 def _kernels_only(params):
-    """Decay mask that skips BatchNorm scales/biases and all biases (ndim < 2)."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """Decay mask for convolution and dense kernels only: no decay on norm scales, biases, nor
+    the ViT's position embedding and class token."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
 def _by_kind(kind, weight_decay, mask, momentum: float, nesterov: bool):

@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import ml_collections
 from absl import logging
 
-from cifar_jax import input_pipeline, metric_writing, trials as trials_lib, workdir as workdir_lib
+from cifar_jax import datasets, input_pipeline, metric_writing, trials as trials_lib
+from cifar_jax import workdir as workdir_lib
 from cifar_jax.trials import Trial
 
 PUBLISHED_EPOCHS = 10
@@ -264,25 +265,30 @@ def epochs_text(rows) -> str:
 
 def summary_markdown(rows, best: Dict[str, Configuration], selected, runner_up,
                      leaders: Optional[Dict[str, Configuration]] = None,
-                     evaluations: Sequence[Tuple[str, str]] = ()) -> str:
-    """summary.md; `evaluations`: (label, path relative to the grid workdir) of the selected
-    trials' evaluations in depth."""
-    lines = ["# Summary of best hyperparameters", "",
-             f"{epochs_text(rows)} The published figures are the study's best validation "
-             f"accuracy after {PUBLISHED_EPOCHS} epochs. Accuracies are mean ± standard "
-             "deviation over seeds where there are several; with data.val_size=0 the 'val' "
-             "figures are training accuracy.", "",
+                     evaluations: Sequence[Tuple[str, str]] = (),
+                     info: datasets.DatasetInfo = datasets.CIFAR10) -> str:
+    """summary.md of a grid on `info`'s data set; `evaluations`: (label, path relative to the
+    grid workdir) of the selected trials' evaluations in depth."""
+    published = info == datasets.CIFAR10  # the study's figures are CIFAR-10's
+    lines = [f"# Summary of best hyperparameters ({info.title})", "",
+             epochs_text(rows) + (f" The published figures are the study's best validation "
+                                  f"accuracy after {PUBLISHED_EPOCHS} epochs." if published
+                                  else "") +
+             " Accuracies are mean ± standard deviation over seeds where there are several; "
+             "with data.val_size=0 the 'val' figures are training accuracy.", "",
              "| model | optimizer | lr | weight decay | augmentation | dropout | seeds | best val "
-             f"acc | test acc | published best val acc ({PUBLISHED_EPOCHS} epochs) |",
-             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "acc | test acc |" + (f" published best val acc ({PUBLISHED_EPOCHS} epochs) |"
+                                   if published else ""),
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
+             + (" ---: |" if published else "")]
     for model, c in best.items():
         r, sel = c.rows[0], selected[model]
         lines.append(
             f"| {model} | {r['optimizer']} | {r['learning_rate']:g} | {r['weight_decay']:g} | "
             f"{r['augmentation']} | {'' if r['dropout_rate'] is None else r['dropout_rate']} | "
             f"{len(sel)} | {pct_std([s['best_val_accuracy'] for s in sel])} | "
-            f"{pct_std([s['test_accuracy'] for s in sel])} | "
-            f"{_pct(PUBLISHED_BEST_VAL.get(model))} |")
+            f"{pct_std([s['test_accuracy'] for s in sel])} |"
+            + (f" {_pct(PUBLISHED_BEST_VAL.get(model))} |" if published else ""))
     if evaluations:
         lines += ["", "Evaluation in depth on the test split (per-class precision and recall, "
                   "calibration, confusion matrix, most confident mistakes): " + ", ".join(
@@ -349,7 +355,7 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
         workdir_lib.write_text_atomic(
             os.path.join(workdir, "summary.md"),
             summary_markdown(rows, best, selected, runner_up, leaders,
-                             _evaluations(workdir, selected)))
+                             _evaluations(workdir, selected), datasets.of_config(config)))
         plots.write_plots(workdir, rows, best, selected, config.grid.default_trial)
     finally:
         lock.release()

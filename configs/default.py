@@ -11,7 +11,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # Model: 'resnet18', 'alexnet', 'mobilenetv2' or 'resnet50'.
+    # Model: 'resnet18', 'alexnet', 'mobilenetv2', 'resnet50' or 'vit' (configs/vit.py).
     config.model = "resnet18"
     # Dropout before the classifier (AlexNet: before both hidden layers); None = the model's
     # default (AlexNet 0.5, MobileNetV2 0.2, ResNets 0). Data in the step: no recompile.
@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 1e-4
     config.momentum = 0.9  # SGD momentum (sgd only)
     config.nesterov = False  # Nesterov momentum (sgd only)
-    config.decay_bn_and_bias = True  # False: no weight decay on BatchNorm and bias parameters
+    # False: weight decay on convolution and dense kernels only (not on norm scales, biases,
+    # nor the ViT's position embedding and class token).
+    config.decay_bn_and_bias = True
     config.warmup_epochs = 0.0  # linear warm-up before the per-step cosine decay to 0
     config.label_smoothing = 0.0  # in [0, 1): weight of the uniform target in the loss
     # Exponential moving average of the weights (and BatchNorm statistics), evaluated instead
@@ -53,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # every random choice of a run (init, data order, augmentation, dropout)
 
     config.data = ml_collections.ConfigDict()
+    # Which data set: 'cifar10' or 'cifar100' (its 100 fine labels); cifar_jax/datasets.py
+    # holds each one's classes, normalisation statistics and file layouts.
+    config.data.dataset = "cifar10"
     # 'tfds' | 'cifar_dir:PATH' (cifar-10-batches-py) | 'folder:PATH' (train/<class>/*,
     # test/<class>/*; a directory or a .tar/.tar.gz of one) | 'synthetic'.
     config.data.source = "tfds"

@@ -51,4 +51,4 @@ def per_model_fields() -> ml_collections.ConfigDict:
             "label_smoothing", "warmup_epochs", "ema_decay")
     return ml_collections.ConfigDict({
         model: {axis: ml_collections.FieldReference(None, field_type=str) for axis in axes}
-        for model in ("resnet18", "alexnet", "mobilenetv2", "resnet50")})
+        for model in ("resnet18", "alexnet", "mobilenetv2", "resnet50", "vit")})

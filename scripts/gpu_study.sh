@@ -18,6 +18,9 @@
 #           should pick there
 #   deploy  the deployment table (JAX, ONNX float32, ONNX int8) of the study's selected models
 #           (needs the study's grid under $RUNS/grid)
+#   vit     configs/vit.py: the ViT-Lite-7/4 recipe at the study's budget, 3 seeds
+#   cifar100  the study's grid on CIFAR-100 (DATA_SOURCE must then be a CIFAR-100 copy, e.g.
+#           cifar_dir:.device/data/cifar-100-python; none is carried by default)
 #
 # Runs go to $RUNS (default .device/runs, ignored by git, so a later call can carry what it
 # needs). Everything a report needs, and nothing else (no checkpoints, no weights), is packed
@@ -77,10 +80,17 @@ print('XLA_FLAGS', os.environ.get('XLA_FLAGS'))" &&
     run deploy "$LOG" python3 -m cifar_jax.bench --models= \
       --deploy "$RUNS/grid:resnet18,$RUNS/grid:alexnet,$RUNS/grid:mobilenetv2" \
       --out "$OUT/deploy.json" ;;
+  vit)
+    run vit "$LOG" python3 -m cifar_jax.main --config configs/vit.py --workdir "$RUNS/vit" \
+      "${COMMON[@]}" ;;
+  cifar100)
+    run cifar100 "$LOG" python3 -m cifar_jax.main --config configs/grid.py \
+      --workdir "$RUNS/grid_cifar100" --config.data.dataset=cifar100 \
+      --config.grid.repeat_selected_seeds=1,2 "${COMMON[@]}" ;;
   profile)
     run profile "$LOG" python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \
       --batch_size 128 --hlo_dir "$RUNS/profile" ;;
-  *) echo "unknown phase $PHASE (preflight, study, twin, recipe, bench, profile, depthwise, deploy)" >&2
+  *) echo "unknown phase $PHASE (preflight, study, twin, recipe, bench, profile, depthwise, deploy, vit, cifar100)" >&2
      exit 2 ;;
 esac
 rc=$?

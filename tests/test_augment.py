@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_jax import augment
+from cifar_jax import augment, datasets
 
 
 def _batch(n=16, seed=0):
@@ -35,7 +35,7 @@ def test_level_as_data_matches_each_mode():
 def test_none_is_normalisation_only():
     x = _batch()
     out = augment.augment(jax.random.PRNGKey(0), x, "none")
-    expected = (np.asarray(x) / 255.0 - np.array(augment.CIFAR10_MEAN)) / np.array(augment.CIFAR10_STD)
+    expected = (np.asarray(x) / 255.0 - np.array(datasets.CIFAR10.mean)) / np.array(datasets.CIFAR10.std)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -75,7 +75,7 @@ def test_color_jitter_ranges():
 def test_normalisation_statistics():
     # Half the pixels at mean - std, half at mean + std (per channel): these images have the
     # CIFAR channel statistics, so they must normalise to mean 0 and std 1.
-    mean, std = np.array(augment.CIFAR10_MEAN), np.array(augment.CIFAR10_STD)
+    mean, std = np.array(datasets.CIFAR10.mean), np.array(datasets.CIFAR10.std)
     signs = np.where(np.random.default_rng(0).permutation(2 * 32 * 32 * 8) % 2, 1, -1)
     raw = mean + signs.reshape(16, 32, 32, 1) * std
     x = jnp.asarray(np.round(raw * 255), jnp.uint8)

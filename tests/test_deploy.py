@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_jax import evaluation, inference, input_pipeline, train, workdir as workdir_lib
+from cifar_jax import datasets, evaluation, inference, input_pipeline, train
+from cifar_jax import workdir as workdir_lib
 from cifar_jax.workdir import WorkdirError
 from conftest import CACHE_DIR
 
@@ -37,7 +38,7 @@ def test_the_served_weights_are_the_ones_the_run_reported(trained):
     evaluation files (summary, per-class table, figures checked as objects)."""
     c, workdir, result, data = trained
     model = inference.load(workdir)
-    assert model.tta_flip and model.classes == input_pipeline.CIFAR10_CLASSES
+    assert model.tta_flip and model.classes == datasets.CIFAR10.classes
     e = evaluation.evaluate_split(model, data.test, "test", inference.Predictor(model))
     assert e.accuracy == result["test_accuracy"] > 0.9
     assert e.nll == pytest.approx(result["test_loss"], rel=1e-4)

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import pickle
 import tarfile
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_jax import input_pipeline as ip
+from cifar_jax import datasets, input_pipeline as ip
 from cifar_jax.input_pipeline import DataError
 
 
@@ -43,7 +44,7 @@ def cifar_pickle_dir(tmp_path):
     return str(d), expected
 
 
-def _write_tree(root, per_class=(4, 2), classes=ip.CIFAR10_CLASSES, fmt="PNG"):
+def _write_tree(root, per_class=(4, 2), classes=datasets.CIFAR10.classes, fmt="PNG"):
     written = {}
     for split, n in zip(("train", "test"), per_class):
         for ci, cls in enumerate(classes):
@@ -86,7 +87,7 @@ def test_folder_directory_and_archive_agree(tmp_path):
     train, test = from_dir
     assert len(train) == 40 and len(test) == 20
     # Class index = position of the sorted folder name; PNG is lossless.
-    idx = ip.CIFAR10_CLASSES.index("cat")
+    idx = datasets.CIFAR10.classes.index("cat")
     np.testing.assert_array_equal(train.images[train.labels == idx][1], written[("train", "cat", 1)])
 
 
@@ -114,7 +115,7 @@ def test_wrong_layout_says_what_was_found(tmp_path):
 
 
 def test_wrong_number_of_classes(tmp_path):
-    _write_tree(str(tmp_path), per_class=(1, 1), classes=ip.CIFAR10_CLASSES[:9])
+    _write_tree(str(tmp_path), per_class=(1, 1), classes=datasets.CIFAR10.classes[:9])
     with pytest.raises(DataError, match="10 class folders.*found 9"):
         ip.load_folder(str(tmp_path))
 
@@ -154,29 +155,44 @@ def test_invalid_source_string():
         ip.parse_source("imagenet")
 
 
-def _write_cifar_binary(root, per_batch=20):
-    """A cifar-10-batches-bin folder as the CIFAR-10 site serves it: rows of a label byte and
-    3072 channel-major pixel bytes."""
-    d = os.path.join(root, "cifar-10-batches-bin")
+# The binary archives as the CIFAR site serves them: rows of label bytes (CIFAR-100: coarse,
+# then fine) and 3072 channel-major pixel bytes.
+_BINARY = {"cifar10": ("cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)],
+                       "test_batch.bin", {"batches.meta.txt": datasets.CIFAR10.classes}),
+           "cifar100": ("cifar-100-binary", ["train.bin"], "test.bin",
+                        {"fine_label_names.txt": datasets.CIFAR100.classes,
+                         "coarse_label_names.txt": [f"super{i}" for i in range(20)]})}
+
+
+def _write_cifar_binary(root, name, per_file=100):
+    """`name`'s binary folder holding `per_file` images per file; returns the first one."""
+    folder, train_files, test_file, label_files = _BINARY[name]
+    d = os.path.join(root, folder)
     os.makedirs(d)
     rng = np.random.default_rng(0)
+    k = datasets.get(name).num_classes
     first = None
-    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        labels = (np.arange(per_batch) % 10).astype(np.uint8)
-        pixels = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        np.concatenate([labels[:, None], pixels], 1).tofile(os.path.join(d, name))
+    for file in train_files + [test_file]:
+        n = per_file // len(train_files) if file != test_file else per_file // 5
+        fine = (np.arange(n) % k).astype(np.uint8)[:, None]
+        labels = fine if name == "cifar10" else np.concatenate([fine // 5, fine], 1)
+        pixels = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        np.concatenate([labels, pixels], 1).tofile(os.path.join(d, file))
         first = pixels[0] if first is None else first
-    with open(os.path.join(d, "batches.meta.txt"), "w") as f:
-        f.write("\n".join(ip.CIFAR10_CLASSES) + "\n")
+    for file, names in label_files.items():
+        with open(os.path.join(d, file), "w") as f:
+            f.write("\n".join(names) + "\n")
     return first.reshape(3, 32, 32).transpose(1, 2, 0)
 
 
-def test_tfds_builder_downloads_and_prepares_offline(tmp_path, monkeypatch):
-    """The real tfds 'cifar10' builder, with only its download step replaced by a local
-    archive: a missing dependency or a changed tfds API fails here, not for users."""
+@pytest.mark.parametrize("name,per_file", [("cifar10", 100), ("cifar100", 200)])
+def test_tfds_builder_downloads_and_prepares_offline(tmp_path, monkeypatch, name, per_file):
+    """The real tfds builder ('cifar10', 'cifar100'), with only its download step replaced by
+    a local archive: a missing dependency or a changed tfds API fails here, not for users."""
     import tensorflow_datasets as tfds
 
-    first_image = _write_cifar_binary(str(tmp_path / "download"))
+    info = datasets.get(name)
+    first_image = _write_cifar_binary(str(tmp_path / "download"), name, per_file)
     urls = []
 
     def download_and_extract(self, url):
@@ -186,23 +202,25 @@ def test_tfds_builder_downloads_and_prepares_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
                         download_and_extract)
     monkeypatch.setattr(ip, "download_reachable", lambda *a, **k: True)
-    train, test = ip.load_tfds(str(tmp_path / "tfds"))
-    assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
-    assert len(train) == 100 and len(test) == 20
-    assert sorted(np.bincount(train.labels).tolist()) == [10] * 10
+    train, test = ip.load_tfds(str(tmp_path / "tfds"), info)
+    assert urls == [f"https://www.cs.toronto.edu/~kriz/{name.replace('cifar', 'cifar-')}"
+                    "-binary.tar.gz"]
+    assert len(train) == per_file and len(test) == per_file // 5
+    # The fine labels, all of them, each as often.
+    assert np.bincount(train.labels).tolist() == [per_file // info.num_classes] * info.num_classes
     assert any(np.array_equal(img, first_image) for img in train.images)
     # Prepared once: a second load neither downloads nor probes the network.
     monkeypatch.setattr(ip, "download_reachable", lambda *a, **k: 1 / 0)
-    assert len(ip.load_tfds(str(tmp_path / "tfds"))[0]) == 100 and len(urls) == 1
+    assert len(ip.load_tfds(str(tmp_path / "tfds"), info)[0]) == per_file and len(urls) == 1
 
 
 def test_tfds_offline_fails_fast_and_shows_alternatives(tmp_path, monkeypatch):
     import time
 
-    monkeypatch.setattr(ip, "CIFAR10_DOWNLOAD_HOST", "cifar10.invalid")  # never resolves
+    unreachable = dataclasses.replace(datasets.CIFAR10, download_host="cifar10.invalid")
     t0 = time.perf_counter()
     with pytest.raises(DataError, match=r"(?s)cannot be reached.*cifar_dir:.*folder:"):
-        ip.load_tfds(str(tmp_path))
+        ip.load_tfds(str(tmp_path), unreachable)
     assert time.perf_counter() - t0 < 20
 
 
@@ -304,13 +322,45 @@ def test_cifar_dir_unpickler_runs_no_code(cifar_pickle_dir):
         ip.load_cifar_dir(path)
 
 
+def test_cifar100_pickle_folder_fine_labels_and_refusals(tmp_path):
+    """cifar-100-python (train, test; fine and coarse labels) through the same checks: the fine
+    labels are read, a CIFAR-10 folder is refused by what it lacks, a label out of range by
+    file; 100 folder: classes need config.data.dataset=cifar100, and say so."""
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    for i, name in enumerate(["train", "test"]):
+        images, fine = _images(200, i), np.arange(200) % 100
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": images.transpose(0, 3, 1, 2).reshape(200, -1),
+                         b"fine_labels": list(fine), b"coarse_labels": list(fine // 5),
+                         b"filenames": [b"x.png"] * 200, b"batch_label": name.encode()}, f)
+    train, test = ip.load_cifar_dir(str(d), datasets.CIFAR100)
+    np.testing.assert_array_equal(train.labels, np.arange(200) % 100)
+    np.testing.assert_array_equal(test.images, _images(200, 1))
+    config = _data_config(f"cifar_dir:{d}", val_size=100)
+    config.dataset = "cifar100"
+    data = ip.load_dataset(config)
+    assert data.info.num_classes == 100 and data.classes[:2] == ("apple", "aquarium_fish")
+    assert sorted(np.bincount(data.val.labels).tolist()) == [1] * 100
+    with pytest.raises(DataError, match="lacks data_batch_1.*'cifar-10-batches-py'"):
+        ip.load_cifar_dir(str(d))  # CIFAR-10 expected
+    with open(d / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}, f)
+    with pytest.raises(DataError, match=r"'.*test' is malformed: labels outside 0\.\.99"):
+        ip.load_cifar_dir(str(d), datasets.CIFAR100)
+    _write_tree(str(tmp_path / "tree"), per_class=(1, 1), classes=datasets.CIFAR100.classes)
+    with pytest.raises(DataError, match="same 10 class folders.*found 100.*dataset=cifar100"):
+        ip.load_folder(str(tmp_path / "tree"))
+    assert len(ip.load_folder(str(tmp_path / "tree"), datasets.CIFAR100)[0]) == 100
+
+
 def test_image_modes_are_decoded_faithfully_or_refused(tmp_path):
     _write_tree(str(tmp_path), per_class=(1, 1))
     target = tmp_path / "train" / "cat" / "0000.png"
     grey = np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)
     Image.fromarray(grey, mode="L").save(target)
     train, _ = ip.load_folder(str(tmp_path))
-    cat = train.images[train.labels == ip.CIFAR10_CLASSES.index("cat")][0]
+    cat = train.images[train.labels == datasets.CIFAR10.classes.index("cat")][0]
     np.testing.assert_array_equal(cat, np.repeat(grey[..., None], 3, -1))  # grey -> RGB exactly
     opaque = np.dstack([_images(1, 1)[0], np.full((32, 32), 255, np.uint8)])
     Image.fromarray(opaque, mode="RGBA").save(target)

@@ -14,7 +14,7 @@ from cifar_jax.models import get_model  # noqa: E402
 from cifar_jax.torch_twin import convert, models as torch_models  # noqa: E402
 from cifar_jax.torch_twin import train as torch_train  # noqa: E402
 
-MODELS = ["resnet18", "alexnet", "mobilenetv2", "resnet50", "tiny"]
+MODELS = ["resnet18", "alexnet", "mobilenetv2", "resnet50", "vit", "tiny"]
 
 
 def _pair(name, seed=0):
@@ -136,7 +136,8 @@ def _one_step(name, opt):
 # optimizers' semantics do not depend on the model, and the study's models are slow in float64
 # on the CPU).
 @pytest.mark.parametrize("name,opt", [("tiny", o) for o in ("sgd", "adam", "adamw")]
-                         + [("alexnet", "adamw"), ("mobilenetv2", "sgd"), ("resnet18", "adam")])
+                         + [("alexnet", "adamw"), ("mobilenetv2", "sgd"), ("resnet18", "adam"),
+                            ("vit", "adamw")])
 def test_one_optimizer_step_agrees(name, opt):
     """Same loss, gradients, optimizer and weight-decay semantics in both frameworks."""
     loss, torch_loss, flax_grads, torch_grads, expected, got = _one_step(name, opt)
@@ -148,6 +149,21 @@ def test_one_optimizer_step_agrees(name, opt):
     assert diff <= 1e-5 * norm, f"gradients differ: {diff / norm:.2e} relative"
     for key, a in expected.items():
         assert np.max(np.abs(a - got[key])) <= 1e-5 * np.max(np.abs(a)) + 1e-9, key
+
+
+def test_twin_decays_kernels_only_as_jax_does():
+    """decay_bn_and_bias=False: the twin's no-decay group is exactly the Flax mask's
+    complement (norms, biases, the ViT's position embedding and class token)."""
+    from configs import default
+
+    config = default.get_config()
+    config.decay_bn_and_bias = False
+    model = torch_models.get_model("vit", depth=1)
+    groups = torch_train.make_optimizer(config, model).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert no_decay == {n for n in names.values() if not n.endswith("weight")
+                        or "norm" in n} and {"pos_embedding", "cls_token"} <= no_decay
 
 
 def test_learning_rate_schedule_agrees_every_step():

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,14 +99,20 @@ def test_optimizer_matches_pytorch_weight_decay_semantics(name):
     np.testing.assert_allclose(p, _numpy_reference(name, p0, g, lr, wd, 3), rtol=1e-5, atol=1e-5)
 
 
-def test_decay_mask_skips_bn_and_bias():
+def test_decay_mask_skips_norms_biases_and_embeddings():
+    """decay_bn_and_bias=False decays kernels only: on a one-block ViT, not the LayerNorms,
+    the biases, the position embedding or the class token."""
+    from cifar_jax.models import get_model
+
     tx = optim.make_optimizer(10**9, decay_bn_and_bias=False)
-    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    params = get_model("vit", depth=1).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     state = optim.with_hyperparams(tx.init(params), "sgd", 1.0, 0.5)
-    zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, state, params)
-    np.testing.assert_allclose(updates["kernel"], -0.5)
-    np.testing.assert_allclose(updates["bias"], 0.0)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    flat = traverse_util.flatten_dict(updates, sep="/")
+    decayed = {k for k, u in flat.items() if np.any(u != 0)}
+    assert decayed == {k for k in flat if k.endswith("kernel")}
+    assert {"pos_embedding", "cls_token", "block0/norm1/scale", "head/bias"} <= set(flat) - decayed
+    np.testing.assert_allclose(flat["head/kernel"], -0.5 * params["head"]["kernel"])
 
 
 def test_cosine_schedule_per_step():
@@ -199,6 +206,35 @@ def test_data_dependent_checks_write_nothing(tiny_config, tmp_path, caplog):
                                       input_pipeline.load_dataset(tiny_config.data).test)
     assert again["accuracy"] == result["test_accuracy"]
     assert again["loss"] == pytest.approx(result["test_loss"], rel=1e-5)
+
+
+def test_a_synthetic_cifar100_run_trains_and_serves_100_classes(tiny_config, tmp_path):
+    """config.data.dataset=cifar100: 100-way classifier, the data set's classes in the result
+    and the served logits; its statistics normalise; an unknown data set is refused by name."""
+    from cifar_jax import datasets, inference
+
+    tiny_config.data.dataset, tiny_config.num_epochs = "cifar100", 1
+    result = train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert result["status"] == "completed" and result["classes"] == list(
+        datasets.CIFAR100.classes)
+    model = inference.load(str(tmp_path))
+    assert model.info == datasets.CIFAR100 and model.variables["params"]["fc"]["kernel"].shape \
+        == (32, 100)
+    images = np.full((2, 32, 32, 3), 255, np.uint8)
+    assert inference.Predictor(model, batch_size=2)(images).shape == (2, 100)
+    white = (1 - np.array(datasets.CIFAR100.mean)) / np.array(datasets.CIFAR100.std)
+    np.testing.assert_allclose(augment_normalize(images, datasets.CIFAR100)[0, 0, 0], white,
+                               rtol=1e-6)
+    tiny_config.data.dataset = "imagenet"
+    with pytest.raises(config_checks.ConfigError, match="data.dataset='imagenet'.*cifar10, "
+                                                        "cifar100"):
+        config_checks.validate_config(tiny_config, num_devices=1)
+
+
+def augment_normalize(images, info):
+    from cifar_jax import augment
+
+    return np.asarray(augment.normalize(jnp.asarray(images), jnp.float32, info))
 
 
 def test_invalid_augmentation_and_device_divisibility(tiny_config):

@@ -8,19 +8,21 @@ from cifar_jax.models.alexnet import AlexNet
 from cifar_jax.models.mobilenetv2 import MobileNetV2
 from cifar_jax.models.resnet import ResNet18, ResNet50
 from cifar_jax.models.tiny import TinyCNN
+from cifar_jax.models.vit import ViT
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "alexnet": AlexNet,
     "mobilenetv2": MobileNetV2,
     "resnet50": ResNet50,
+    "vit": ViT,  # future work of the study: ViT-Lite-7/4 (configs/vit.py)
     "tiny": TinyCNN,  # tests and quick checks of the pipeline; not in the study
 }
 
 
 def dropout_rate(name: str, override=None) -> float:
     """The dropout rate before the classifier of a run of `name`: `override`, else the model's
-    default (AlexNet 0.5, MobileNetV2 0.2, the ResNets 0, TinyCNN 0.2)."""
+    default (AlexNet 0.5, MobileNetV2 0.2, the ResNets 0, ViT 0.1, TinyCNN 0.2)."""
     if override is not None:
         return float(override)
     return float(MODELS[name].dropout_rate)
@@ -38,4 +40,4 @@ def get_model(name: str, depthwise: Optional[str] = None, **kwargs) -> nn.Module
 
 
 __all__ = ["MODELS", "dropout_rate", "get_model", "AlexNet", "MobileNetV2", "ResNet18",
-           "ResNet50", "TinyCNN"]
+           "ResNet50", "TinyCNN", "ViT"]

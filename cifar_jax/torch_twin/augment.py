@@ -2,7 +2,8 @@
 
 import torch
 
-from cifar_jax.augment import CIFAR10_MEAN, CIFAR10_STD, JITTER, PAD
+from cifar_jax import datasets
+from cifar_jax.augment import JITTER, PAD
 
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -91,17 +92,18 @@ def _apply_per_image(ops, which, x):
     return out
 
 
-def normalize(x):
-    mean = torch.tensor(CIFAR10_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+def normalize(x, info: datasets.DatasetInfo = datasets.CIFAR10):
+    mean = torch.tensor(info.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(info.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def augment(images_uint8_nhwc, mode: str, generator):
+def augment(images_uint8_nhwc, mode: str, generator,
+            info: datasets.DatasetInfo = datasets.CIFAR10):
     """uint8 NHWC numpy/tensor batch -> normalised NCHW float tensor, like cifar_jax.augment."""
     x = torch.as_tensor(images_uint8_nhwc).permute(0, 3, 1, 2).float() / 255.0
     if mode in ("basic", "advanced"):
         x = random_flip(random_crop(x, generator), generator)
     if mode == "advanced":
         x = color_jitter(x, generator)
-    return normalize(x)
+    return normalize(x, info)

@@ -2,7 +2,8 @@
 
 Names correspond one to one: Flax path 'layer1_0/conv1/kernel' <-> torch 'layer1_0.conv1.weight'.
 Layouts: conv kernels HWIO <-> OIHW, dense kernels (in, out) <-> (out, in); BatchNorm
-scale/bias/mean/var <-> weight/bias/running_mean/running_var.
+scale/bias/mean/var <-> weight/bias/running_mean/running_var (LayerNorm: scale/bias <->
+weight/bias); the ViT's cls_token and pos_embedding keep their names and layouts.
 """
 
 from typing import Any, Dict
@@ -11,7 +12,9 @@ import numpy as np
 import torch
 from flax import traverse_util
 
-_PARAM_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight"}
+# Parameters that are neither layer weights nor biases (the ViT's) keep their names.
+_PARAM_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight",
+                "cls_token": "cls_token", "pos_embedding": "pos_embedding"}
 _STAT_NAMES = {"mean": "running_mean", "var": "running_var"}
 
 

@@ -1,4 +1,4 @@
-"""ResNet-18, ResNet-50, AlexNet and MobileNetV2 for CIFAR in PyTorch, layer for layer as in cifar_jax.models.
+"""ResNet-18, ResNet-50, AlexNet, MobileNetV2 and the ViT for CIFAR in PyTorch, layer for layer as in cifar_jax.models.
 
 torch only (no torchvision). Initialisation follows torchvision / PyTorch defaults, as the
 Flax models do. Inputs are NCHW float tensors.
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cifar_jax.models.mobilenetv2 import CIFAR_INVERTED_RESIDUAL_SETTING
+from cifar_jax.models.vit import LAYER_NORM_EPSILON
 
 BN_MOMENTUM = 0.1  # PyTorch convention; Flax momentum 0.9
 BN_EPS = 1e-5
@@ -211,8 +212,65 @@ class TinyCNN(nn.Module):
         return self.fc(nn.functional.dropout(x, p, self.training))
 
 
+class SelfAttention(nn.Module):
+    def __init__(self, width, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        n, t, width = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(n, t, width))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, width, num_heads, mlp_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=LAYER_NORM_EPSILON)
+        self.attn = SelfAttention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width, eps=LAYER_NORM_EPSILON)
+        self.fc1, self.fc2 = nn.Linear(width, mlp_dim), nn.Linear(mlp_dim, width)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """cifar_jax/models/vit.py: ViT-Lite-7/4 (patch 4, width 256, 7 blocks, 4 heads, MLP 512)."""
+
+    def __init__(self, num_classes=10, dropout_rate=0.1, patch_size=4, width=256, depth=7,
+                 num_heads=4, mlp_dim=512, image_size=32):
+        super().__init__()
+        self.dropout_rate = dropout_rate
+        self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        tokens = (image_size // patch_size) ** 2 + 1
+        self.pos_embedding = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, tokens, width), std=0.02))
+        self.block_names = [f"block{i}" for i in range(depth)]
+        for name in self.block_names:
+            self.add_module(name, EncoderBlock(width, num_heads, mlp_dim))
+        self.norm = nn.LayerNorm(width, eps=LAYER_NORM_EPSILON)
+        self.head = nn.Linear(width, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, dropout_rate: Optional[float] = None):
+        p = self.dropout_rate if dropout_rate is None else dropout_rate
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embedding
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+        x = self.norm(x)[:, 0]
+        return self.head(nn.functional.dropout(x, p, self.training))
+
+
 MODELS = {"resnet18": ResNet18, "alexnet": AlexNet, "mobilenetv2": MobileNetV2,
-          "resnet50": ResNet50, "tiny": TinyCNN}
+          "resnet50": ResNet50, "vit": ViT, "tiny": TinyCNN}
 
 
 def get_model(name: str, **kwargs) -> nn.Module:

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 from absl import logging
 
-from cifar_jax import config_checks, input_pipeline, models
+from cifar_jax import config_checks, datasets, input_pipeline, models
 from cifar_jax import workdir as workdir_lib
 from cifar_jax.torch_twin import augment
 from cifar_jax.torch_twin.models import get_model
@@ -40,8 +40,11 @@ def make_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     if config.decay_bn_and_bias:
         groups = [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
     else:
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        # Kernels only, as cifar_jax.optim: the weights of convolutions and linear layers.
+        kernels = {id(m.weight) for m in model.modules()
+                   if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+        decay = [p for p in model.parameters() if id(p) in kernels]
+        no_decay = [p for p in model.parameters() if id(p) not in kernels]
         groups = [{"params": decay, "weight_decay": config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
     lr = config.learning_rate
@@ -69,8 +72,8 @@ def set_precision(precision: str) -> None:
 
 
 def build_model(config) -> torch.nn.Module:
-    return get_model(config.model, dropout_rate=models.dropout_rate(config.model,
-                                                                      config.dropout_rate))
+    return get_model(config.model, num_classes=datasets.of_config(config).num_classes,
+                     dropout_rate=models.dropout_rate(config.model, config.dropout_rate))
 
 
 def _device():
@@ -79,11 +82,12 @@ def _device():
 
 @torch.no_grad()
 def evaluate(model, split: input_pipeline.Split, batch_size: int, device,
-             tta_flip: bool = False) -> Dict[str, float]:
+             tta_flip: bool = False, info=datasets.CIFAR10) -> Dict[str, float]:
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(split), batch_size):
-        x = augment.augment(split.images[start:start + batch_size], "none", None).to(device)
+        x = augment.augment(split.images[start:start + batch_size], "none", None,
+                            info).to(device)
         y = torch.as_tensor(split.labels[start:start + batch_size], dtype=torch.long).to(device)
         logits = model(x).float()
         if tta_flip:
@@ -100,7 +104,8 @@ def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split) -> Di
     model.load_state_dict(_load(
         os.path.join(workdir, "torch_best.pt"), device, "Move it and torch_checkpoint.pt away "
         "and run again (the twin then trains this run afresh), or use a new --workdir."))
-    return evaluate(model, split, config.eval_batch_size, device, config.tta_flip)
+    return evaluate(model, split, config.eval_batch_size, device, config.tta_flip,
+                    datasets.of_config(config))
 
 
 def _load(path: str, device, remedy: str = "Move it away and run again: the twin then starts "
@@ -218,7 +223,8 @@ class _Run:
                 return None
             idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
             x = augment.augment(self.data.train.images[idx], config.data.augmentation,
-                                self.generator).to(self.device, non_blocking=True)
+                                self.generator, self.data.info).to(self.device,
+                                                                   non_blocking=True)
             y = torch.as_tensor(self.data.train.labels[idx], dtype=torch.long).to(self.device)
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits, y,
@@ -266,7 +272,7 @@ class _Run:
         config = self.config
         if self.data.val is not None:
             v = evaluate(self.model, self.data.val, config.eval_batch_size, self.device,
-                         config.tta_flip)
+                         config.tta_flip, self.data.info)
             record.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
         metric = workdir_lib.selection_accuracy(record)
         if metric > self.best_val:
