@@ -22,6 +22,7 @@ import shutil
 import time
 from typing import Any, Dict, Optional, Tuple
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -83,6 +84,20 @@ def remove_unfinished(directory: str) -> None:
             logging.warning("Removing %s/%s, left by a save that did not complete.", directory,
                             name)
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def checkpoint_tree(state, epoch_metrics) -> Dict[str, Any]:
+    """What a checkpoint holds: one trial's train state and its epoch's metrics so far."""
+    return {"train_state": flax.serialization.to_state_dict(state),
+            "epoch_metrics": flax.serialization.to_state_dict(epoch_metrics)}
+
+
+def restore_template(abstract) -> Dict[str, Any]:
+    """A checkpoint's structure, shapes and dtypes (nothing allocated), from the abstract
+    train state (`jax.eval_shape` of one)."""
+    from cifar_jax.engine import Metrics
+
+    return checkpoint_tree(abstract, jax.eval_shape(Metrics.empty))
 
 
 def load_weights(directory: str, template: Dict[str, Any]) -> Dict[str, Any]:

@@ -59,8 +59,8 @@ def _on_sigterm(signum, frame):
 
 def _exit_codes():
     """(exception types, exit status, whether to print it: a diverged run has logged it)."""
-    from cifar_jax import checkpointing, config_checks, input_pipeline, train, workdir
-    return ((train.Preempted, 143, True), (train.Diverged, 3, False),
+    from cifar_jax import checkpointing, config_checks, input_pipeline, stopping, workdir
+    return ((stopping.Preempted, 143, True), (stopping.Diverged, 3, False),
             ((config_checks.ConfigError, input_pipeline.DataError, workdir.WorkdirError,
               checkpointing.CheckpointError, UsageError, OSError), 2, True))
 

@@ -102,10 +102,26 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     _number(errors, "checkpoint_max_to_keep", config.checkpoint_max_to_keep, 1, 1000,
             integer=True)
     _number(errors, "data.val_size", config.data.val_size, 0, INT32_MAX, integer=True)
+    _check_distill(errors, config)
     _check_no_effect(errors, config)
     _check_data_source(errors, config)
     if errors:
         raise ConfigError("Invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _check_distill(errors: List[str], config) -> None:
+    """config.distill's values (the teacher itself is checked by distill.load_teacher)."""
+    d = config.get("distill")
+    if d is None:
+        return
+    _number(errors, "distill.temperature", d.temperature, 0, low_open=True)
+    _number(errors, "distill.alpha", d.alpha, 0, 1)
+    if d.teacher_model and not d.teacher_workdir:
+        errors.append(f"config.distill.teacher_model={d.teacher_model!r} has no effect without "
+                      "config.distill.teacher_workdir (the grid whose selected trial teaches).")
+    if d.teacher_workdir and config.framework == "torch":
+        errors.append("config.distill.teacher_workdir is set with framework='torch': "
+                      "distillation runs in JAX only; use framework='jax'.")
 
 
 def _check_no_effect(errors: List[str], config) -> None:
@@ -179,7 +195,8 @@ FIXED_ON_RESUME = frozenset({
 
 
 # Fields added after configs were first stored, with the value a config without them meant.
-LATER_FIELDS = {"data.dataset": "cifar10"}
+LATER_FIELDS = {"data.dataset": "cifar10", "distill.teacher_workdir": "",
+                "distill.teacher_model": "", "distill.temperature": 4.0, "distill.alpha": 0.9}
 
 
 def _stored(stored: Dict[str, Any]) -> Dict[str, Any]:

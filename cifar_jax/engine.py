@@ -96,6 +96,11 @@ class StaticSpec:
     tta_flip: bool  # evaluate on the image and its mirror image, logits averaged
     device_loop: bool  # a chunk of steps is one on-device loop (else one dispatch per step)
     depthwise: str  # how depthwise convolutions are computed (models.layers.DEPTHWISE_IMPLS)
+    # Knowledge distillation (distill.py): the teacher's architecture ('' = none), run in
+    # inference mode on the step's batch, and the loss's temperature and weight.
+    teacher: str
+    distill_temperature: float
+    distill_alpha: float
     pack_size: int
     num_devices: int
 
@@ -132,9 +137,11 @@ def eval_batch_size(config, largest_eval: Optional[int], num_devices: int = 1) -
 
 
 def static_spec(config, num_train: int, pack_size: int = 1, num_devices: int = 1,
-                largest_eval: Optional[int] = None) -> StaticSpec:
+                largest_eval: Optional[int] = None, teacher: str = "") -> StaticSpec:
     """The compiled structure of `config`'s runs on a training set of `num_train` images
-    (`largest_eval`: the size of its largest evaluation split, see `eval_batch_size`)."""
+    (`largest_eval`: the size of its largest evaluation split, see `eval_batch_size`;
+    `teacher`: the architecture of its distillation teacher, if it has one)."""
+    distill = config.get("distill") or {}
     return StaticSpec(
         model=config.model, dataset=datasets.of_config(config).name, dtype=config.dtype,
         precision=config.precision,
@@ -146,6 +153,9 @@ def static_spec(config, num_train: int, pack_size: int = 1, num_devices: int = 1
         ema=config.ema_decay > 0, tta_flip=bool(config.tta_flip),
         device_loop=device_loop(config.step_loop, jax.default_backend()),
         depthwise=config.get("depthwise", "auto"),  # .get: configs stored before the field
+        teacher=teacher,
+        distill_temperature=float(distill.get("temperature", 1.0)) if teacher else 1.0,
+        distill_alpha=float(distill.get("alpha", 0.0)) if teacher else 0.0,
         pack_size=pack_size,
         num_devices=num_devices)
 
@@ -183,13 +193,36 @@ def cross_entropy_loss(logits, labels, label_smoothing=0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def distillation_loss(logits, teacher_logits, labels, temperature: float, alpha: float,
+                      label_smoothing=0.0):
+    """Per-example (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher_T || student_T)
+    (Hinton et al. 2015; T^2 keeps the soft term's gradients at the hard term's scale)."""
+    soft = optax.kl_divergence(jax.nn.log_softmax(logits / temperature),
+                               jax.nn.softmax(teacher_logits / temperature))
+    return ((1.0 - alpha) * cross_entropy_loss(logits, labels, label_smoothing)
+            + alpha * temperature ** 2 * soft)
+
+
+def _loss(logits, x, y, teacher, state: TrainState, spec: StaticSpec):
+    """The per-example training loss: cross-entropy, or with a teacher (and alpha > 0) the
+    distillation loss against its inference-mode logits of the same batch `x`."""
+    if not spec.teacher or spec.distill_alpha == 0:
+        return cross_entropy_loss(logits, y, state.hyper.label_smoothing)
+    teacher_model = models.get_model(spec.teacher, num_classes=logits.shape[-1])
+    teacher_logits = jax.lax.stop_gradient(teacher_model.apply(teacher, x, train=False))
+    return distillation_loss(logits, teacher_logits, y, spec.distill_temperature,
+                             spec.distill_alpha, state.hyper.label_smoothing)
+
+
 # ----------------------------------------------------------------------------------------------
 # One trial.
 
 
-def train_step(state: TrainState, images, labels, perm, *, spec: StaticSpec, sharding=None):
+def train_step(state: TrainState, images, labels, perm, teacher, *, spec: StaticSpec,
+               sharding=None):
     """One update on the next batch of the epoch's order `perm`: gather, augment, forward,
-    backward, update. Returns the new state, the step's metrics and its mean loss."""
+    backward, update (`teacher`: the distillation teacher's variables, or {}). Returns the new
+    state, the step's metrics and its mean loss."""
     start = (state.step % spec.steps_per_epoch) * spec.batch_size
     idx = jax.lax.dynamic_slice(perm, (start,), (spec.batch_size,))
     key = lambda stream: jax.random.fold_in(jax.random.fold_in(state.rng, stream), state.step)  # noqa: E731
@@ -204,7 +237,7 @@ def train_step(state: TrainState, images, labels, perm, *, spec: StaticSpec, sha
             {"params": params, "batch_stats": state.batch_stats}, x, train=True,
             dropout_rate=state.hyper.dropout_rate, mutable=["batch_stats"],
             rngs={"dropout": key(_DROPOUT)})
-        per_example = cross_entropy_loss(logits, y, state.hyper.label_smoothing)
+        per_example = _loss(logits, x, y, teacher, state, spec)
         return per_example.mean(), (per_example, logits, updates)
 
     grads, (per_example, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -217,10 +250,11 @@ def train_step(state: TrainState, images, labels, perm, *, spec: StaticSpec, sha
     return new, step_metrics, per_example.mean()
 
 
-def guarded_step(state: TrainState, progress: Progress, images, labels, perm, **kwargs):
+def guarded_step(state: TrainState, progress: Progress, images, labels, perm, teacher,
+                 **kwargs):
     """`train_step`, except that a trial whose loss is not finite keeps its last finite state
     (it is frozen there) and records the step."""
-    new, step_metrics, loss = train_step(state, images, labels, perm, **kwargs)
+    new, step_metrics, loss = train_step(state, images, labels, perm, teacher, **kwargs)
     ok = jnp.isfinite(loss) & (progress.first_bad_step < 0)
     bad_now = ~jnp.isfinite(loss) & (progress.first_bad_step < 0)
     progress = Progress(
@@ -230,12 +264,12 @@ def guarded_step(state: TrainState, progress: Progress, images, labels, perm, **
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), progress
 
 
-def train_loop(state, progress, images, labels, perm, num_steps, **kwargs):
+def train_loop(state, progress, images, labels, perm, teacher, num_steps, **kwargs):
     """`num_steps` guarded steps in one loop (the count is data: one compile for any chunk)."""
     progress = progress.replace(chunk=Metrics.empty())
 
     def body(_, carry):
-        return guarded_step(*carry, images, labels, perm, **kwargs)
+        return guarded_step(*carry, images, labels, perm, teacher, **kwargs)
 
     return jax.lax.fori_loop(0, num_steps, body, (state, progress))
 
@@ -329,7 +363,8 @@ class Programs:
                     return fn(*args)
             return wrapper
 
-        train_args = (0, 0, None, None, 0)  # states, progress, images, labels, perms
+        train_args = (0, 0, None, None, 0, None)  # states, progress, images, labels, perms,
+        # and the teacher's variables (arguments, not constants baked into the program)
         if spec.device_loop:
             chunk = functools.partial(train_loop, spec=spec, sharding=batch)
             self._train_loop = jax.jit(traced(pack(chunk, K, train_args + (None,)), "train"),
@@ -354,13 +389,18 @@ class Programs:
             pack(functools.partial(permutation, num_train=spec.num_train), K, (0, None)),
             out_shardings=self.replicated)
 
-    def train_chunk(self, states, progress, images, labels, perms, num_steps: int):
-        """`num_steps` steps of every trial in the pack; nothing waits for the device."""
+    def train_chunk(self, states, progress, images, labels, perms, num_steps: int,
+                    teacher=None):
+        """`num_steps` steps of every trial in the pack; nothing waits for the device.
+        `teacher`: the distillation teacher's variables on the device (spec.teacher's)."""
+        teacher = {} if teacher is None else teacher
         if self.spec.device_loop:
-            return self._train_loop(states, progress, images, labels, perms, num_steps)
+            return self._train_loop(states, progress, images, labels, perms, teacher,
+                                    num_steps)
         progress = self._reset_chunk(progress)
         for _ in range(num_steps):
-            states, progress = self._train_step(states, progress, images, labels, perms)
+            states, progress = self._train_step(states, progress, images, labels, perms,
+                                                teacher)
         return states, progress
 
     def lowered_train_chunk(self, *args):

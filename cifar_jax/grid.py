@@ -17,8 +17,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from cifar_jax import (config_checks, engine as engine_lib, input_pipeline, metric_writing,
-                       report, train, trials as trials_lib, workdir as workdir_lib)
+from cifar_jax import (config_checks, distill, engine as engine_lib, input_pipeline,
+                       metric_writing, report, train, trials as trials_lib, workdir as workdir_lib)
 from cifar_jax.augment import AUGMENTATIONS
 from cifar_jax.optim import OPTIMIZERS
 from cifar_jax.trials import Trial
@@ -74,6 +74,7 @@ def validate(config, trials: Sequence[Trial]) -> None:
     # The twin runs on one device; asking JAX for its devices would start its GPU backend.
     devices = 1 if config.framework == "torch" else jax.device_count()
     _check_each(config, trials, lambda c: config_checks.validate_config(c, devices))
+    distill.load_teacher(config)  # a missing, unfinished or foreign teacher stops it now
 
 
 def _check_each(config, trials: Sequence[Trial], check) -> None:

@@ -299,7 +299,7 @@ def _jax_weights(directory: str, config) -> Dict[str, Any]:
 
 
 def _best_checkpoint_weights(directory: str, config, kept: Dict[str, Any]) -> Dict[str, Any]:
-    from cifar_jax import engine as engine_lib, train
+    from cifar_jax import engine as engine_lib
 
     if workdir_lib.latest_step_on_disk(directory) is None:
         raise WorkdirError(f"{directory} keeps neither best_weights/ nor checkpoints: its "
@@ -308,7 +308,7 @@ def _best_checkpoint_weights(directory: str, config, kept: Dict[str, Any]) -> Di
     abstract = jax.eval_shape(lambda: programs.init_state(config))
     ckpts = checkpointing.Checkpoints(directory, config.get("checkpoint_max_to_keep", 2))
     try:
-        best = ckpts.restore_best(train._restore_template(abstract))
+        best = ckpts.restore_best(checkpointing.restore_template(abstract))
     finally:
         ckpts.close()
     if best is None:

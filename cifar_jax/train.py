@@ -24,18 +24,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cifar_jax import (checkpointing, config_checks, engine as engine_lib, input_pipeline,
+from cifar_jax import (checkpointing, config_checks, distill, engine as engine_lib, input_pipeline,
                        metric_writing, optim, workdir as workdir_lib)
 from cifar_jax.checkpointing import Checkpoints
 from cifar_jax.engine import Metrics, Progress, TrainState
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGINT arrived (or a stop was requested); a checkpoint was saved."""
-
-
-class Diverged(Exception):
-    """A non-finite loss appeared."""
+# The ways a run stops early, re-exported: callers catch train.Preempted / train.Diverged.
+from cifar_jax.stopping import Diverged, Preempted, SignalFlag  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -52,6 +46,7 @@ class Member:
     best_epoch: int = 0  # 1-based, like the logs; 0 = none yet
     train_time: float = 0.0
     last_record: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    teacher: Optional[Dict[str, Any]] = None  # its distillation teacher, as result.json says
 
     @property
     def name(self) -> str:
@@ -76,6 +71,7 @@ class Pack:
     labels: jax.Array
     eval_data: engine_lib.EvalData
     abstract: TrainState  # one trial's state, shapes only: the template for restores
+    teacher: Any = None  # the distillation teacher's variables on the device, or None
 
     @property
     def spec(self) -> engine_lib.StaticSpec:
@@ -170,13 +166,15 @@ def _check_member(member: Member) -> None:
             "again (or restore result.json).")
 
 
-def _check_pack(members: List[Member], dataset) -> engine_lib.StaticSpec:
+def _check_pack(members: List[Member], dataset, teacher: Optional[distill.Teacher]
+                ) -> engine_lib.StaticSpec:
     """The pack's one static structure; refuses members that cannot train together."""
     num_train = len(dataset.train)
     for m in members:
         config_checks.check_run_shape(m.config, dataset)
     specs = {engine_lib.static_spec(m.config, num_train, len(members), jax.device_count(),
-                                    dataset.largest_eval) for m in members}
+                                    dataset.largest_eval, teacher.model if teacher else "")
+             for m in members}
     pack_level = {(m.config.log_every_steps, m.config.evaluate_test) for m in members}
     if len(specs) != 1 or len(pack_level) != 1:
         raise config_checks.ConfigError(
@@ -193,9 +191,12 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
     if not running:
         return None
     config = running[0].config
+    teacher = distill.load_teacher(config)  # the pack's trials share one (one StaticSpec)
+    for m in running:
+        m.teacher = teacher.record if teacher else None
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.data)
-    programs = engine.programs(_check_pack(running, dataset))
+    programs = engine.programs(_check_pack(running, dataset, teacher))
     if programs.spec.eval_batch_size != config.eval_batch_size:
         logging.info("config.eval_batch_size=%d is larger than the largest evaluation split "
                      "(%d images): evaluating in batches of %d instead (evaluation pads and "
@@ -223,23 +224,14 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
                     labels=programs.to_device(dataset.train.labels),
                     eval_data=engine_lib.put_eval_splits(splits, programs.spec.eval_batch_size,
                                                          programs),
-                    abstract=abstract)
+                    abstract=abstract,
+                    teacher=programs.to_device(teacher.variables) if teacher else None)
     except BaseException:
         for m in running:
             _close_member(m)
         raise
     _log_start(pack)
     return pack
-
-
-def _checkpoint_tree(state, epoch_metrics) -> Dict[str, Any]:
-    return {"train_state": flax.serialization.to_state_dict(state),
-            "epoch_metrics": flax.serialization.to_state_dict(epoch_metrics)}
-
-
-def _restore_template(abstract: TrainState) -> Dict[str, Any]:
-    """A checkpoint's structure, shapes and dtypes (nothing allocated)."""
-    return _checkpoint_tree(abstract, jax.eval_shape(Metrics.empty))
 
 
 def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstract):
@@ -249,7 +241,7 @@ def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstr
     damaged checkpoint one may fall back further, and the others then go back to that step
     too (their metrics after it are dropped and retrained, to the same values).
     """
-    template = _restore_template(abstract)
+    template = checkpointing.restore_template(abstract)
     restored = [m.ckpts.restore_latest(template) for m in members]
     steps = {r[0] if r else 0 for r in restored}
     if len(steps) > 1:
@@ -302,56 +294,6 @@ def _log_start(pack: Pack) -> None:
 # Train.
 
 
-class SignalFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after every chunk of steps.
-
-    Further signals while stopping (a second Ctrl-C during the checkpoint save), and any signal
-    once training is done and the results are being written, only log one line: the work in
-    hand always completes, so nothing half-written is left behind. A signal that arrived too
-    late to stop training still stops the process once the results are written
-    (`stop_if_received`), so that a grid does not start its next trial.
-    """
-
-    def __init__(self, stopping: str = "stopping after the current chunk of steps, with a "
-                 "checkpoint"):
-        self.stopping = stopping  # what the first signal's log line says happens next
-        self.received: Optional[int] = None
-        self.finishing = False  # training is done; the results are being written
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, the run is not pre-emptible
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.finishing:
-            self.received = self.received or signum
-            logging.warning("%s: training is done; the run stops once its results are "
-                            "written (a few seconds).", name)
-            return
-        if self.received is not None:
-            logging.warning("%s again: already stopping; the checkpoint is being completed so "
-                            "that the run can resume exactly.", name)
-            return
-        self.received = signum
-        logging.warning("Received %s: %s.", name, self.stopping)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def stop_if_received(self) -> None:
-        """Raises Preempted for a signal that came after the last chance to stop training."""
-        if self.received is not None:
-            raise Preempted(f"Stopped by {signal.Signals(self.received).name} once training "
-                            "had finished: the results are written, nothing is left to resume.")
-
-
 def _train(pack: Pack, signals: "SignalFlag", stop_requested: Optional[Callable[[int], bool]],
            outlook: Optional[Callable[[float, int], str]]) -> None:
     spec, programs = pack.spec, pack.programs
@@ -367,7 +309,7 @@ def _train(pack: Pack, signals: "SignalFlag", stop_requested: Optional[Callable[
         while pack.step < end:
             n = chunk_steps(pack.step, start, end, every)
             pack.states, pack.progress = programs.train_chunk(
-                pack.states, pack.progress, pack.images, pack.labels, perms, n)
+                pack.states, pack.progress, pack.images, pack.labels, perms, n, pack.teacher)
             pack.step += n
             _after_chunk(pack, epoch, eta)
             if not pack.running:
@@ -469,7 +411,7 @@ def _end_epoch(pack: Pack, epoch: int, seconds: float, steps: int, eta) -> None:
             m.best_val, m.best_epoch = selection, epoch + 1
         # metrics.jsonl first: a resume from an older checkpoint drops this record again.
         workdir_lib.append_jsonl(m.metrics_path, record)
-        m.ckpts.save(pack.step, _checkpoint_tree(engine_lib.unstack(states, i), Metrics.empty()),
+        m.ckpts.save(pack.step, checkpointing.checkpoint_tree(engine_lib.unstack(states, i), Metrics.empty()),
                      _meta(pack, m, epoch + 1, "epoch_end"), selection=selection)
         m.writer.flush()
         m.last_record = record
@@ -492,7 +434,7 @@ def _preempt(pack: Pack, signals: SignalFlag, epoch: int) -> None:
         states, epoch_metrics = jax.device_get((pack.states, pack.progress.epoch))
         for m in pack.running:
             i = pack.index(m)
-            m.ckpts.save(pack.step, _checkpoint_tree(engine_lib.unstack(states, i),
+            m.ckpts.save(pack.step, checkpointing.checkpoint_tree(engine_lib.unstack(states, i),
                                                      engine_lib.unstack(epoch_metrics, i)),
                          _meta(pack, m, epoch, "preempted"))
     for m in pack.running:
@@ -516,7 +458,8 @@ def _write_result(member: Member, status: str, **fields) -> Dict[str, Any]:
             "best_val_accuracy": member.best_val if member.best_epoch else None,
             "best_epoch": member.best_epoch or None,
             "train_time_s": member.train_time,
-            "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}", **fields})
+            "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+            **({"teacher": member.teacher} if member.teacher else {}), **fields})
     workdir_lib.write_result(member.workdir, record)
     member.result = record
     return record
@@ -561,7 +504,7 @@ def _finish(pack: Pack) -> None:
 
 def _keep_best_weights(pack: Pack) -> Dict[str, Dict[str, Any]]:
     """Saves each trial's best epoch's weights (best_weights/); returns them by workdir."""
-    template = _restore_template(pack.abstract)
+    template = checkpointing.restore_template(pack.abstract)
     kept = {}
     for m in pack.running:
         found = m.ckpts.restore_best(template)
@@ -643,7 +586,7 @@ def evaluate_checkpoint(config, workdir: str, split: input_pipeline.Split,
         if ckpts.has_weights():
             weights = ckpts.load_weights(_weights(state_dict))
         else:
-            template = _checkpoint_tree(state, Metrics.empty())
+            template = checkpointing.checkpoint_tree(state, Metrics.empty())
             best = ckpts.restore_best(template)
             if best is None:
                 raise FileNotFoundError(f"No best checkpoint or best_weights in {workdir}.")

@@ -52,6 +52,16 @@ def get_config() -> ml_collections.ConfigDict:
     # 'jax', or 'torch' to run the PyTorch twin (cifar_jax.torch_twin) with the same recipe.
     config.framework = "jax"
 
+    # Knowledge distillation (configs/distill.py; JAX only): a trained teacher's predictions
+    # softened by `temperature` join the loss, (1 - alpha) * cross-entropy
+    # + alpha * T^2 * KL(teacher_T || student_T); the teacher runs in inference mode on the
+    # student's augmented batch and is never updated.
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher_workdir = ""  # a finished run's or grid's workdir; '' = none
+    config.distill.teacher_model = ""  # with a grid's workdir: whose selected trial teaches
+    config.distill.temperature = 4.0
+    config.distill.alpha = 0.9  # weight of the teacher's term; 0 = ordinary training
+
     config.seed = 0  # every random choice of a run (init, data order, augmentation, dropout)
 
     config.data = ml_collections.ConfigDict()

@@ -19,6 +19,8 @@
 #   deploy  the deployment table (JAX, ONNX float32, ONNX int8) of the study's selected models
 #           (needs the study's grid under $RUNS/grid)
 #   vit     configs/vit.py: the ViT-Lite-7/4 recipe at the study's budget, 3 seeds
+#   distill configs/distill.py: MobileNetV2 taught by the study grid's selected ResNet-18
+#           ($RUNS/grid), seeds 0, 1, 2, and the same runs with alpha 0 (no teacher's term)
 #   cifar100  the study's grid on CIFAR-100 (DATA_SOURCE must then be a CIFAR-100 copy, e.g.
 #           cifar_dir:.device/data/cifar-100-python; none is carried by default)
 #
@@ -83,6 +85,15 @@ print('XLA_FLAGS', os.environ.get('XLA_FLAGS'))" &&
   vit)
     run vit "$LOG" python3 -m cifar_jax.main --config configs/vit.py --workdir "$RUNS/vit" \
       "${COMMON[@]}" ;;
+  distill)
+    for seed in 0 1 2; do
+      for alpha in 0.9 0; do
+        run distill "$LOG" python3 -m cifar_jax.main --config configs/distill.py \
+          --workdir "$RUNS/distill/alpha$alpha/seed$seed" --config.seed=$seed \
+          --config.distill.teacher_workdir="$RUNS/grid" --config.distill.alpha=$alpha \
+          "${COMMON[@]}" || break 2
+      done
+    done ;;
   cifar100)
     run cifar100 "$LOG" python3 -m cifar_jax.main --config configs/grid.py \
       --workdir "$RUNS/grid_cifar100" --config.data.dataset=cifar100 \
@@ -90,7 +101,7 @@ print('XLA_FLAGS', os.environ.get('XLA_FLAGS'))" &&
   profile)
     run profile "$LOG" python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \
       --batch_size 128 --hlo_dir "$RUNS/profile" ;;
-  *) echo "unknown phase $PHASE (preflight, study, twin, recipe, bench, profile, depthwise, deploy, vit, cifar100)" >&2
+  *) echo "unknown phase $PHASE (preflight, study, twin, recipe, bench, profile, depthwise, deploy, vit, distill, cifar100)" >&2
      exit 2 ;;
 esac
 rc=$?

@@ -24,6 +24,11 @@ def pytest_configure(config):
 @pytest.fixture
 def tiny_config():
     """A seconds-long run of the tiny CNN on small synthetic data (8 steps per epoch)."""
+    return make_tiny_config()
+
+
+def make_tiny_config():
+    """`tiny_config`, for fixtures of a wider scope."""
     from configs import default
 
     config = default.get_config()

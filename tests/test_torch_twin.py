@@ -67,12 +67,21 @@ def test_train_mode_forward_and_running_stats_agree(name):
                                    err_msg=key)
 
 
+# Shorter forms of the slowest models for the float64 step comparisons: every kind of layer and
+# block they have (MobileNetV2: an expansion-1 block, a strided expansion-6 block and a residual
+# one; ResNet-18: one block per stage, projections included; the ViT: two encoder blocks), in a
+# fraction of the float64 compile and run time. Their full forms are compared by the tests above.
+SHORT = {"mobilenetv2": dict(setting=((1, 16, 1, 1), (6, 24, 2, 2))), "vit": dict(depth=2),
+         "resnet18": dict(stage_sizes=(1, 1, 1, 1))}
+
+
 @functools.lru_cache(maxsize=None)
 def _gradients(name):
     """Loss and gradients of one float64 batch from identical weights, in both frameworks
     (shared by the optimizer comparisons below)."""
+    short = SHORT.get(name, {})
     with jax.enable_x64(True):
-        flax_model = get_model(name, dtype=jnp.float64)
+        flax_model = get_model(name, dtype=jnp.float64, **short)
         variables = flax_model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)), train=False)
         variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
         x = np.random.default_rng(2).normal(size=(8, 32, 32, 3))
@@ -86,7 +95,7 @@ def _gradients(name):
 
         loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
         grads = jax.tree.map(np.asarray, grads)
-    torch_model = torch_models.get_model(name).double()
+    torch_model = torch_models.get_model(name, **short).double()
     torch_model.load_state_dict(convert.flax_to_torch(variables))
     torch_model.train()
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -114,7 +123,7 @@ def _one_step(name, opt):
         new_params = jax.tree.map(lambda p, u: np.asarray(p + u), variables["params"], updates)
     to_np = lambda d: {k: v.double().numpy() for k, v in d.items()}  # noqa: E731
     flax_grads = to_np(convert.flax_to_torch({"params": grads}))
-    torch_model = torch_models.get_model(name).double()
+    torch_model = torch_models.get_model(name, **SHORT.get(name, {})).double()
     torch_model.load_state_dict(convert.flax_to_torch(variables))
     optimizer = torch_train.make_optimizer(config, torch_model)
     # The optimizer is compared on identical gradients: Adam's first step is g / (|g| + eps),

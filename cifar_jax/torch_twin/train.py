@@ -71,6 +71,18 @@ def set_precision(precision: str) -> None:
         torch.backends.cudnn.allow_tf32 = precision == "tf32"
 
 
+def distillation_loss(logits, teacher_logits, labels, temperature: float, alpha: float,
+                      label_smoothing: float = 0.0):
+    """Mean (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), as the usual PyTorch
+    distillation code writes it (cifar_jax.engine.distillation_loss; the twin itself trains
+    without a teacher: distillation runs in JAX)."""
+    f = torch.nn.functional
+    hard = f.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    soft = f.kl_div(f.log_softmax(logits / temperature, 1), f.softmax(teacher_logits / temperature,
+                    1), reduction="batchmean")
+    return (1 - alpha) * hard + alpha * temperature ** 2 * soft
+
+
 def build_model(config) -> torch.nn.Module:
     return get_model(config.model, num_classes=datasets.of_config(config).num_classes,
                      dropout_rate=models.dropout_rate(config.model, config.dropout_rate))
@@ -126,7 +138,7 @@ def _load(path: str, device, remedy: str = "Move it away and run again: the twin
 def train_and_evaluate(config, workdir: str,
                        dataset: Optional[input_pipeline.Dataset] = None) -> Dict[str, Any]:
     """Trains `config` in `workdir` with the twin, holding the directory's lock."""
-    from cifar_jax.train import Diverged
+    from cifar_jax.stopping import Diverged
 
     if config.framework != "torch":  # `python -m cifar_jax.torch_twin` with a JAX config
         config = config.copy_and_resolve_references()
@@ -300,7 +312,7 @@ class _Run:
         return result
 
     def train(self) -> Dict[str, Any]:
-        from cifar_jax.train import Preempted, SignalFlag
+        from cifar_jax.stopping import Preempted, SignalFlag
 
         config, record = self.config, {}
         with SignalFlag("stopping after the current batch; the rerun redoes this epoch from "
