@@ -96,18 +96,22 @@ def from_logits(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str]) 
 
 
 def confusion_figure(e: Evaluation):
-    """Counts and row-normalised (recall per true class), class names on both axes."""
+    """Counts and row-normalised (recall per true class), class names on both axes; each cell
+    holds its number where there are few classes (CIFAR-10), colour alone where there are
+    many (CIFAR-100)."""
     c = e.confusion()
     rows = c / np.maximum(c.sum(1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(16, 7), constrained_layout=True)
+    few = len(e.classes) <= 20
+    fig, axes = plt.subplots(1, 2, figsize=(16, 7) if few else (24, 12), constrained_layout=True)
     for ax, values, title, fmt in ((axes[0], c, "counts", "{:d}"),
                                    (axes[1], 100 * rows, "row-normalised (%)", "{:.0f}")):
         ax.imshow(values, cmap="Blues")
         ticks = range(len(e.classes))
         ax.set(xticks=ticks, yticks=ticks, xticklabels=e.classes, yticklabels=e.classes,
                xlabel="predicted class", ylabel="true class", title=f"Confusion matrix: {title}")
-        ax.tick_params(axis="x", rotation=45)
-        for i in ticks:
+        ax.tick_params(axis="x", rotation=45 if few else 90)
+        ax.tick_params(labelsize=None if few else 4)
+        for i in ticks if few else ():
             for j in ticks:
                 ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if values[i, j] > 0.6 * values.max() else "black")
@@ -215,7 +219,7 @@ def evaluate_split(trained, split: input_pipeline.Split, name: str, predictor,
         about = (f"{trained.description}; {name} split; the weights the run's reported accuracy "
                  f"came from{', with flip test-time augmentation' if predictor.tta_flip else ''}.")
         write(e, split.images, os.path.join(trained.workdir, "evaluation", name),
-              f"Evaluation on the {name} split", about)
+              f"Evaluation on the {trained.info.title} {name} split", about)
     return e
 
 

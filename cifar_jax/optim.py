@@ -45,30 +45,29 @@ def _by_kind(kind, weight_decay, mask, momentum: float, nesterov: bool):
 
     One state serves all three: Adam's (count, mu, nu), whose `mu` doubles as the SGD momentum
     buffer (a run uses one kind, so the buffer is never shared), so the state is no larger
-    than Adam's.
+    than Adam's. Every kind's update is computed and the one of `kind` selected element by
+    element: one elementwise loop per parameter that XLA fuses with the step around it (as
+    `lax.switch` branches it could not; AlexNet's 23M-parameter update was the largest
+    elementwise cost of its CPU step).
     """
-    decay = optax.add_decayed_weights(weight_decay, mask)
-    sgd = optax.trace(decay=momentum, nesterov=nesterov)
     adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
     def update(grads, state, params):
-        no_state = decay.init(params)
-
-        def with_decay(g):
-            return decay.update(g, no_state, params)[0]
-
-        def sgd_step():
-            u, trace = sgd.update(with_decay(grads), optax.TraceState(trace=state.mu), params)
-            return u, state._replace(mu=trace.trace)
-
-        def adam_step():
-            return adam.update(with_decay(grads), state, params)
-
-        def adamw_step():
-            u, new_state = adam.update(grads, state, params)
-            return with_decay(u), new_state
-
-        return jax.lax.switch(kind, (sgd_step, adam_step, adamw_step))
+        is_sgd, coupled = kind == 0, kind < 2  # sgd and adam add the decay to the gradient
+        masked = mask(params) if callable(mask) else jax.tree.map(lambda _: True, params)
+        decay = jax.tree.map(lambda p, m: weight_decay * p if m else None, params, masked)
+        add = lambda g, d: g if d is None else g + d  # noqa: E731
+        g_in = jax.tree.map(lambda g, d: jnp.where(coupled, add(g, d), g), grads, decay,
+                            is_leaf=lambda x: x is None)
+        adam_u, adam_state = adam.update(g_in, state, params)
+        trace = jax.tree.map(lambda g, t: g + momentum * t, g_in, state.mu)  # optax.trace
+        sgd_u = jax.tree.map(lambda g, t: g + momentum * t, g_in, trace) if nesterov else trace
+        adamw_u = jax.tree.map(add, adam_u, decay, is_leaf=lambda x: x is None)
+        adam_u = jax.tree.map(lambda a, w: jnp.where(kind == 2, w, a), adam_u, adamw_u)
+        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(is_sgd, x, y), a, b)  # noqa: E731
+        return pick(sgd_u, adam_u), adam_state._replace(
+            count=jnp.where(is_sgd, state.count, adam_state.count),
+            mu=pick(trace, adam_state.mu), nu=pick(state.nu, adam_state.nu))
 
     return optax.GradientTransformation(adam.init, update)
 

@@ -156,7 +156,7 @@ def main(argv):
     if f.out:
         write_out(f.out, rows, skipped, {
             "model": trained.description, "workdir": trained.workdir,
-            "tta_flip": trained.tta_flip if tta is None else tta})
+            "dataset": trained.info.name, "tta_flip": trained.tta_flip if tta is None else tta})
     if skipped:
         print(f"error: {len(skipped)} skipped (not images, or not found): "
               + ", ".join(p for p, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else ""),

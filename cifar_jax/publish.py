@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from absl import flags, logging
 
-from cifar_jax import cli, report, trials as trials_lib, workdir as workdir_lib
+from cifar_jax import cli, datasets, report, trials as trials_lib, workdir as workdir_lib
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ENTRY = re.compile(r"<!-- results:entry (study|other) (.+?) -->\n.*?<!-- results:entry-end -->\n",
@@ -99,11 +99,12 @@ def frameworks_table(jax_sel, torch_sel) -> str:
     return "\n".join(lines)
 
 
-def data_note(source: str) -> str:
+def data_note(source: str, dataset: str = "cifar10") -> str:
+    title = datasets.get(dataset).title
     if "jpeg" in source.lower():
-        return ("the JPEG quality-75 re-encoding of CIFAR-10 (which runs slightly below the "
+        return (f"the JPEG quality-75 re-encoding of {title} (which runs slightly below the "
                 "original files)")
-    return f"data source `{source}`"
+    return f"{title} from data source `{source}`"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +119,8 @@ def shape(grid_config: Dict[str, Any]) -> Dict[str, Any]:
     return {"models": list(dict.fromkeys(t.model for t in grid)), "trials": len(grid),
             "per_model": collections.Counter(t.model for t in grid),
             "epochs": grid_config["num_epochs"], "batch": grid_config["batch_size"],
-            "source": grid_config["data"]["source"]}
+            "source": grid_config["data"]["source"],
+            "dataset": grid_config["data"].get("dataset", "cifar10")}
 
 
 def device_text(run_log: Optional[Dict[str, Any]]) -> str:
@@ -131,6 +133,7 @@ def device_text(run_log: Optional[Dict[str, Any]]) -> str:
 
 def is_study(s: Dict[str, Any]) -> bool:
     return (s["epochs"] == STUDY_EPOCHS and s["trials"] >= STUDY_TRIALS
+            and s.get("dataset", "cifar10") == "cifar10"
             and set(s["models"]) >= set(report.PUBLISHED_BEST_VAL))
 
 
@@ -143,14 +146,16 @@ def is_study_part(s: Dict[str, Any]) -> bool:
     study = collections.Counter(t.model for t in trials_lib.expand(grid.get_config()))
     finished = s.get("finished", set(s["models"]))  # models whose selection is reported
     return (s["epochs"] == STUDY_EPOCHS and s["batch"] == STUDY_BATCH and bool(s["models"])
-            and s["source"] != "synthetic" and set(s["models"]) <= set(finished)
+            and s["source"] != "synthetic" and s.get("dataset", "cifar10") == "cifar10"
+            and set(s["models"]) <= set(finished)
             and all(s["per_model"][m] >= study.get(m, math.inf) for m in s["models"]))
 
 
 def definition(s: Dict[str, Any], device: str, torch_seeds: int) -> str:
     models = ", ".join(s["models"])
+    data = data_note(s["source"], s.get("dataset", "cifar10"))
     text = (f"{s['trials']} grid trials of {models}, {s['epochs']} epochs each at batch "
-            f"{s['batch']}, on {data_note(s['source'])}, on {device}; each model's "
+            f"{s['batch']}, on {data}, on {device}; each model's "
             "configuration selected on the validation split and tested once")
     if torch_seeds:
         text += f"; the PyTorch twin trained the selected configurations ({torch_seeds} runs)"

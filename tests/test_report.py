@@ -169,8 +169,8 @@ def test_publish_writes_results_and_a_readme_entry(seeded_workdir, tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n") and text.endswith("tail\n")
     assert "### A slice of the study" in text and "The whole study has not run" in text
-    assert ("6 grid trials of alexnet, 3 epochs each at batch 128, on data source `tfds`, on a "
-            "CPU (Some CPU, 2 cores)") in text and "**Not the study**" in text
+    assert ("6 grid trials of alexnet, 3 epochs each at batch 128, on CIFAR-10 from data source "
+            "`tfds`, on a CPU (Some CPU, 2 cores)") in text and "**Not the study**" in text
     row = ("| alexnet | sgd_lr0.01_wd1e-4_basic_do0.5 | 60.00% ± 1.00 (n=3) | 59.00% ± 1.00 "
            "(n=3) | 60.00% ± 1.00 (n=3) | 59.00% ± 1.00 (n=3) | +0.00 pp, within the seeds' "
            "spread (1.00 pp pooled std) |")

@@ -19,7 +19,8 @@ MODELS = ["resnet18", "alexnet", "mobilenetv2", "resnet50", "vit", "tiny"]
 
 def _pair(name, seed=0):
     flax_model = get_model(name)
-    variables = flax_model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = _jit(flax_model.init, train=False)(jax.random.PRNGKey(seed),
+                                                   jnp.zeros((1, 32, 32, 3)))
     # Give BN non-trivial running statistics so that eval mode really uses them.
     variables = jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.1 * jax.random.uniform(jax.random.PRNGKey(len(p)), v.shape)
@@ -27,6 +28,11 @@ def _pair(name, seed=0):
     torch_model = torch_models.get_model(name)
     torch_model.load_state_dict(convert.flax_to_torch(variables))
     return flax_model, variables, torch_model
+
+
+def _jit(fn, **kwargs):
+    """`fn` compiled (an eager MobileNetV2 init or apply runs op by op for 10-20 s)."""
+    return jax.jit(functools.partial(fn, **kwargs))
 
 
 def _inputs(n=4, seed=0):
@@ -39,7 +45,7 @@ def test_eval_logits_agree(name):
     flax_model, variables, torch_model = _pair(name)
     x, xt = _inputs()
     torch_model.eval()
-    a = np.asarray(flax_model.apply(variables, x, train=False))
+    a = np.asarray(_jit(flax_model.apply, train=False)(variables, x))
     b = torch_model(xt).detach().numpy()
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     # Both directions of conversion are exact.
@@ -52,9 +58,9 @@ def test_eval_logits_agree(name):
 def test_train_mode_forward_and_running_stats_agree(name):
     flax_model, variables, torch_model = _pair(name)
     x, xt = _inputs(8, seed=1)
-    logits, updated = flax_model.apply(variables, x, train=True, dropout_rate=0.0,
-                                       mutable=["batch_stats"],
-                                       rngs={"dropout": jax.random.PRNGKey(0)})
+    logits, updated = _jit(flax_model.apply, train=True, dropout_rate=0.0,
+                           mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.PRNGKey(0)})(variables, x)
     torch_model.train()
     tl = torch_model(xt, dropout_rate=0.0).detach().numpy()
     np.testing.assert_allclose(logits, tl, atol=1e-4, rtol=1e-4)
@@ -70,9 +76,12 @@ def test_train_mode_forward_and_running_stats_agree(name):
 # Shorter forms of the slowest models for the float64 step comparisons: every kind of layer and
 # block they have (MobileNetV2: an expansion-1 block, a strided expansion-6 block and a residual
 # one; ResNet-18: one block per stage, projections included; the ViT: two encoder blocks), in a
-# fraction of the float64 compile and run time. Their full forms are compared by the tests above.
+# fraction of the float64 compile and run time (their full forms: the float32 tests above).
 SHORT = {"mobilenetv2": dict(setting=((1, 16, 1, 1), (6, 24, 2, 2))), "vit": dict(depth=2),
          "resnet18": dict(stage_sizes=(1, 1, 1, 1))}
+# Image sides for those comparisons: the convolutional networks pool globally and take 16x16
+# (a quarter of the float64 work); AlexNet's classifier and the ViT's positions need 32x32.
+SIDE = {"mobilenetv2": 16, "resnet18": 16}
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,9 +91,11 @@ def _gradients(name):
     short = SHORT.get(name, {})
     with jax.enable_x64(True):
         flax_model = get_model(name, dtype=jnp.float64, **short)
-        variables = flax_model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)), train=False)
+        variables = _jit(flax_model.init, train=False)(jax.random.PRNGKey(3),
+                                                       jnp.zeros((1, 32, 32, 3)))
         variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
-        x = np.random.default_rng(2).normal(size=(8, 32, 32, 3))
+        side = SIDE.get(name, 32)
+        x = np.random.default_rng(2).normal(size=(8, side, side, 3))
         labels = np.arange(8) % 10
 
         def loss_fn(params):
@@ -119,7 +130,7 @@ def _one_step(name, opt):
         tx = optim.make_optimizer(100)
         opt_state = optim.with_hyperparams(tx.init(variables["params"]), opt,
                                            config.learning_rate, config.weight_decay)
-        updates, _ = tx.update(grads, opt_state, variables["params"])
+        updates, _ = jax.jit(tx.update)(grads, opt_state, variables["params"])
         new_params = jax.tree.map(lambda p, u: np.asarray(p + u), variables["params"], updates)
     to_np = lambda d: {k: v.double().numpy() for k, v in d.items()}  # noqa: E731
     flax_grads = to_np(convert.flax_to_torch({"params": grads}))

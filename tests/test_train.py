@@ -105,9 +105,10 @@ def test_decay_mask_skips_norms_biases_and_embeddings():
     from cifar_jax.models import get_model
 
     tx = optim.make_optimizer(10**9, decay_bn_and_bias=False)
-    params = get_model("vit", depth=1).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.jit(get_model("vit", depth=1).init)(jax.random.key(0),
+                                                      jnp.zeros((1, 32, 32, 3)))["params"]
     state = optim.with_hyperparams(tx.init(params), "sgd", 1.0, 0.5)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
     flat = traverse_util.flatten_dict(updates, sep="/")
     decayed = {k for k, u in flat.items() if np.any(u != 0)}
     assert decayed == {k for k in flat if k.endswith("kernel")}
