@@ -86,6 +86,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def from_logits(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> Evaluation:
+    bad = int(np.sum(~np.all(np.isfinite(logits), axis=1)))
+    if bad:  # e.g. BatchNorm statistics that overflowed while the training loss stayed finite
+        raise ValueError(f"the model's logits are not finite for {bad} of {len(logits)} images "
+                         "(its weights or BatchNorm statistics overflowed in training): an "
+                         "evaluation of it would mean nothing.")
     log_probs = log_softmax(logits)
     nll = float(-np.mean(log_probs[np.arange(len(labels)), labels]))
     return Evaluation(tuple(classes), np.asarray(labels), np.exp(log_probs), nll)

@@ -117,11 +117,14 @@ def comparison_figure(selected: Dict[str, List[Dict[str, Any]]]):
     return fig
 
 
-def write_plots(workdir: str, rows, best, selected, default_trial: str) -> None:
+def write_plots(workdir: str, rows, best, selected, default_trial: str,
+                dataset: str = "CIFAR-10") -> None:
+    """The report's figures, each naming the data set (`dataset`: its title) in a corner."""
     out = os.path.join(workdir, "plots")
     os.makedirs(out, exist_ok=True)
 
     def save(fig, name):
+        fig.text(0.995, 0.005, dataset, ha="right", va="bottom", fontsize=8, color="0.35")
         tmp = os.path.join(out, f".{name}.tmp.png")
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
         plt.close(fig)

@@ -356,7 +356,8 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
             os.path.join(workdir, "summary.md"),
             summary_markdown(rows, best, selected, runner_up, leaders,
                              _evaluations(workdir, selected), datasets.of_config(config)))
-        plots.write_plots(workdir, rows, best, selected, config.grid.default_trial)
+        plots.write_plots(workdir, rows, best, selected, config.grid.default_trial,
+                          datasets.of_config(config).title)
     finally:
         lock.release()
     logging.info("Report: %s/results.csv, summary.md, plots/", workdir)

@@ -51,8 +51,9 @@ def test_workdir_must_be_a_directory_name(tmp_path):
 
 def test_divergence_is_reported_once_with_exit_3(tmp_path):
     proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
-                "--config.learning_rate=1e30", "--config.num_epochs=1", "--config.batch_size=50",
-                "--config.data.synthetic_train_size=200", "--config.data.val_size=100",
+                "--config.model=tiny", "--config.optimizer=sgd", "--config.learning_rate=1e30",
+                "--config.num_epochs=1", "--config.batch_size=50",
+                "--config.data.synthetic_train_size=300", "--config.data.val_size=100",
                 "--config.data.synthetic_test_size=50", "--config.eval_batch_size=50",
                 "--config.log_every_steps=1", CACHE_FLAG)
     assert proc.returncode == 3
@@ -75,7 +76,8 @@ def test_smoke_run_output_is_quiet_and_complete(tmp_path):
     first line comes one step after the compile), one summary line per epoch, no library
     chatter."""
     proc = _run("cifar_jax.main", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
-                "--config.num_epochs=1", "--config.data.synthetic_train_size=820",
+                "--config.model=tiny", "--config.num_epochs=1",
+                "--config.data.synthetic_train_size=820",
                 "--config.data.val_size=100", "--config.log_every_steps=5",
                 "--config.batch_size=144", CACHE_FLAG)
     assert proc.returncode == 0, proc.stderr[-3000:]

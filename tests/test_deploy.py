@@ -71,6 +71,9 @@ def test_calibration_against_a_hand_computation():
     assert e.nll == pytest.approx(-(np.log(0.9) + np.log(0.4) + np.log(0.7)) / 3)
     assert e.per_class()["precision"].tolist() == [0.5, 1.0]  # a predicted twice, once right
     assert e.per_class()["recall"].tolist() == [1.0, 0.5]
+    # Logits that overflowed (BatchNorm statistics gone to inf) are refused, not binned.
+    with pytest.raises(ValueError, match="not finite for 1 of 2 images"):
+        evaluation.from_logits(np.array([[0.0, 1.0], [np.nan, 0.0]]), np.array([0, 1]), "ab")
 
 
 def test_predict_files_and_folders(trained, tmp_path, capsys):

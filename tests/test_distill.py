@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_jax import distill, engine, inference, train
+from cifar_jax import config_checks, distill, engine, inference, train
 
 pytestmark = pytest.mark.xdist_group("distill")  # one worker trains the shared teacher once
 
@@ -73,8 +73,13 @@ def test_a_student_learns_from_the_teacher_alone(teacher, tiny_config, tmp_path)
                                  "test_accuracy": taught_by["test_accuracy"]}
     # Measured: teacher 50%, student 40% after 2 epochs; chance is 10%.
     assert taught_by["test_accuracy"] >= 0.4 and result["test_accuracy"] >= 0.3
+    # The teacher is part of the stored config: another one is a result-changing difference,
+    # which a resume refuses (without allow_config_change), as for any other field.
     with open(os.path.join(tmp_path, "config.json")) as f:
-        assert json.load(f)["distill"]["teacher_workdir"] == workdir  # part of the config
+        stored = json.load(f)
+    tiny_config.distill.teacher_workdir = workdir + "_other"
+    assert [d.split(":")[0] for d in config_checks.result_changing_differences(
+        stored, tiny_config)] == ["distill.teacher_workdir"]
 
 
 def test_an_unusable_teacher_is_refused_before_anything_runs(teacher, tiny_config, tmp_path):
