@@ -9,6 +9,8 @@ differ in augmentation share one compiled step):
             the four operations in a random order per image); colour maths from dm-pix.
 """
 
+from typing import Optional
+
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
@@ -65,8 +67,20 @@ def color_jitter(key, images):
     return jax.vmap(_jitter_one)(keys, images)
 
 
-def normalize(images, dtype=jnp.float32, info: DatasetInfo = datasets.CIFAR10):
-    """uint8 or [0, 1] float images -> standardised with the data set's channel statistics."""
+def resize(images, size: int):
+    """[N, H, W, 3] images -> [N, size, size, 3] float32 (bilinear, antialiased when it
+    shrinks, as torchvision's Resize), values in the input's range."""
+    n, _, _, c = images.shape
+    return jax.image.resize(images.astype(jnp.float32), (n, size, size, c), "bilinear",
+                            antialias=True)
+
+
+def normalize(images, dtype=jnp.float32, info: DatasetInfo = datasets.CIFAR10,
+              size: Optional[int] = None):
+    """uint8 or [0, 1] float images -> standardised with the data set's channel statistics
+    (resized to `size` x `size` first where that differs: config.data.image_size)."""
+    if size is not None and size != images.shape[1]:
+        images = resize(images, size) / (255.0 if images.dtype == jnp.uint8 else 1.0)
     if images.dtype == jnp.uint8:
         images = images.astype(jnp.float32) / 255.0
     mean = jnp.asarray(info.mean, jnp.float32)
@@ -80,8 +94,10 @@ def augmentation_index(mode: str) -> int:
     return AUGMENTATIONS.index(mode)
 
 
-def augment(key, images, level, dtype=jnp.float32, info: DatasetInfo = datasets.CIFAR10):
-    """uint8 [N, 32, 32, 3] -> augmented `dtype` images, normalised with `info`'s statistics.
+def augment(key, images, level, dtype=jnp.float32, info: DatasetInfo = datasets.CIFAR10,
+            size: int = 32):
+    """uint8 [N, 32, 32, 3] -> augmented `dtype` images, normalised with `info`'s statistics
+    (resized to `size` x `size` first where that differs, the crop's padding scaled with it).
 
     `level` is an index into AUGMENTATIONS (a mode name is accepted too), possibly traced:
     crop and flip apply from 'basic' on, colour jitter from 'advanced' on.
@@ -89,7 +105,9 @@ def augment(key, images, level, dtype=jnp.float32, info: DatasetInfo = datasets.
     if isinstance(level, str):
         level = augmentation_index(level)
     k_crop, k_flip, k_jitter = jax.random.split(key, 3)
-    moved = random_flip(k_flip, random_crop(k_crop, images))
+    if size != images.shape[1]:
+        images = resize(images, size)  # float32 in [0, 255]
+    moved = random_flip(k_flip, random_crop(k_crop, images, PAD * size // 32))
     images = jnp.where(level >= 1, moved, images).astype(jnp.float32) / 255.0
     images = jax.lax.cond(level >= 2, lambda x: color_jitter(k_jitter, x), lambda x: x, images)
     return normalize(images, dtype, info)

@@ -103,10 +103,33 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             integer=True)
     _number(errors, "data.val_size", config.data.val_size, 0, INT32_MAX, integer=True)
     _check_distill(errors, config)
+    _check_transfer(errors, config)
     _check_no_effect(errors, config)
     _check_data_source(errors, config)
     if errors:
         raise ConfigError("Invalid configuration:\n  " + "\n  ".join(errors))
+
+
+# Models whose layers fix the input's side (AlexNet's classifier, the ViT's positions).
+FIXED_SIZE_MODELS = ("alexnet", "vit")
+
+
+def _check_transfer(errors: List[str], config) -> None:
+    """The fine-tuning fields (the weights file itself: transfer.pretrained_variables)."""
+    size = config.data.get("image_size", 32)
+    if _number(errors, "data.image_size", size, 16, 512, integer=True) and size != 32 and \
+            config.model in FIXED_SIZE_MODELS:
+        errors.append(f"config.data.image_size={size} does not fit {config.model}, whose "
+                      "layers are sized for 32x32 images; keep 32 for it.")
+    _number(errors, "backbone_lr_scale", config.get("backbone_lr_scale", 1.0), 0)
+    freeze = config.get("freeze_backbone_epochs", 0.0)
+    if _number(errors, "freeze_backbone_epochs", freeze, 0) and freeze and \
+            freeze >= config.num_epochs:
+        errors.append(f"config.freeze_backbone_epochs={freeze!r} is not valid: the backbone "
+                      f"must move before training ends (num_epochs={config.num_epochs}).")
+    if config.get("init_from") and config.framework == "torch":
+        errors.append("config.init_from is set with framework='torch': transfer learning "
+                      "runs in JAX only; use framework='jax'.")
 
 
 def _check_distill(errors: List[str], config) -> None:
@@ -196,7 +219,9 @@ FIXED_ON_RESUME = frozenset({
 
 # Fields added after configs were first stored, with the value a config without them meant.
 LATER_FIELDS = {"data.dataset": "cifar10", "distill.teacher_workdir": "",
-                "distill.teacher_model": "", "distill.temperature": 4.0, "distill.alpha": 0.9}
+                "distill.teacher_model": "", "distill.temperature": 4.0, "distill.alpha": 0.9,
+                "data.image_size": 32, "init_from": "", "backbone_lr_scale": 1.0,
+                "freeze_backbone_epochs": 0.0}
 
 
 def _stored(stored: Dict[str, Any]) -> Dict[str, Any]:

@@ -82,6 +82,7 @@ class StaticSpec:
 
     model: str
     dataset: str  # datasets.DATASETS: the classifier's size and the normalisation statistics
+    image_size: int  # the side images are resized to on the device (the data stay 32x32)
     dtype: str
     precision: str
     batch_size: int
@@ -101,6 +102,10 @@ class StaticSpec:
     teacher: str
     distill_temperature: float
     distill_alpha: float
+    # Fine-tuning (configs/transfer.py): the learning rate's factor for everything but the
+    # classifier, which stays still for the first `freeze_epochs`.
+    backbone_lr_scale: float
+    freeze_epochs: float
     pack_size: int
     num_devices: int
 
@@ -115,6 +120,10 @@ class StaticSpec:
     @property
     def warmup_steps(self) -> int:
         return int(round(self.warmup_epochs * self.steps_per_epoch))
+
+    @property
+    def freeze_steps(self) -> int:
+        return int(round(self.freeze_epochs * self.steps_per_epoch))
 
 
 def device_loop(step_loop: str, platform: str) -> bool:
@@ -143,7 +152,8 @@ def static_spec(config, num_train: int, pack_size: int = 1, num_devices: int = 1
     `teacher`: the architecture of its distillation teacher, if it has one)."""
     distill = config.get("distill") or {}
     return StaticSpec(
-        model=config.model, dataset=datasets.of_config(config).name, dtype=config.dtype,
+        model=config.model, dataset=datasets.of_config(config).name,
+        image_size=int(config.data.get("image_size", 32)), dtype=config.dtype,
         precision=config.precision,
         batch_size=config.batch_size,
         eval_batch_size=eval_batch_size(config, largest_eval, num_devices),
@@ -156,6 +166,8 @@ def static_spec(config, num_train: int, pack_size: int = 1, num_devices: int = 1
         teacher=teacher,
         distill_temperature=float(distill.get("temperature", 1.0)) if teacher else 1.0,
         distill_alpha=float(distill.get("alpha", 0.0)) if teacher else 0.0,
+        backbone_lr_scale=float(config.get("backbone_lr_scale", 1.0)),
+        freeze_epochs=float(config.get("freeze_backbone_epochs", 0.0)),
         pack_size=pack_size,
         num_devices=num_devices)
 
@@ -227,7 +239,7 @@ def train_step(state: TrainState, images, labels, perm, teacher, *, spec: Static
     idx = jax.lax.dynamic_slice(perm, (start,), (spec.batch_size,))
     key = lambda stream: jax.random.fold_in(jax.random.fold_in(state.rng, stream), state.step)  # noqa: E731
     x = augment.augment(key(_AUGMENT), images[idx], state.hyper.augmentation,
-                        jnp.dtype(spec.dtype), datasets.get(spec.dataset))
+                        jnp.dtype(spec.dtype), datasets.get(spec.dataset), spec.image_size)
     y = labels[idx]
     if sharding is not None:
         x, y = (jax.lax.with_sharding_constraint(a, sharding) for a in (x, y))
@@ -290,7 +302,7 @@ def evaluate_batch(state, images, labels, mask, batch, *, spec: StaticSpec,
     x, y, m = take(images), take(labels), take(mask)
     if sharding is not None:
         x, y, m = (jax.lax.with_sharding_constraint(a, sharding) for a in (x, y, m))
-    x = augment.normalize(x, jnp.dtype(spec.dtype), datasets.get(spec.dataset))
+    x = augment.normalize(x, jnp.dtype(spec.dtype), datasets.get(spec.dataset), spec.image_size)
     logits = eval_logits(state, x, spec)
     return Metrics.single_from_model_output(loss=cross_entropy_loss(logits, y), logits=logits,
                                             labels=y, mask=m)
@@ -350,7 +362,9 @@ class Programs:
         model = models.get_model(spec.model, spec.depthwise, dtype=jnp.dtype(spec.dtype),
                                  num_classes=datasets.get(spec.dataset).num_classes)
         self.tx = optim.make_optimizer(spec.total_steps, spec.warmup_steps, spec.momentum,
-                                       spec.nesterov, spec.decay_bn_and_bias)
+                                       spec.nesterov, spec.decay_bn_and_bias,
+                                       models.classifier_name(spec.model),
+                                       spec.backbone_lr_scale, spec.freeze_steps)
         self.apply_fn = model.apply
         self._init = jax.jit(functools.partial(model.init, train=False))
         K = spec.pack_size
@@ -420,8 +434,9 @@ class Programs:
     def init_state(self, config) -> TrainState:
         """A fresh train state of one trial (its seed, its hyperparameters)."""
         rng = jax.random.PRNGKey(config.seed)
+        side = self.spec.image_size
         variables = self._init(jax.random.fold_in(rng, _INIT),
-                               jnp.zeros((1, 32, 32, 3), jnp.float32))
+                               jnp.zeros((1, side, side, 3), jnp.float32))
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
         ema = {"params": params, "batch_stats": batch_stats} if self.spec.ema else None
         state = TrainState.create(apply_fn=self.apply_fn, params=params, tx=self.tx,

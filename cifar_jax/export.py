@@ -226,6 +226,12 @@ def export(trained, fmt: str, path: str, quantize: str = "none", data: Optional[
 
     if quantize == "int8" and fmt != "onnx":
         raise cli.UsageError("--quantize int8 applies to --format onnx.")
+    if fmt in ("onnx", "torch") and (trained.config.model.endswith("_imagenet")
+                                      or trained.image_size != 32):
+        raise cli.UsageError(
+            f"--format {fmt} goes through the PyTorch twin, which has the 32x32 CIFAR models "
+            f"only; {trained.config.model} at image size {trained.image_size} exports as "
+            "--format stablehlo.")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise cli.UsageError(f"--out={path!r}: the directory {directory} does not exist.")

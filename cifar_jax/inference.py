@@ -62,6 +62,11 @@ class TrainedModel:
     def precision(self) -> str:
         return self.config.get("precision", "default")
 
+    @property
+    def image_size(self) -> int:
+        """The side its images were resized to (config.data.image_size)."""
+        return int(self.config.data.get("image_size", 32))
+
     @functools.cached_property
     def variables(self) -> Dict[str, Any]:
         """The Flax variables (a twin run's weights converted by torch_twin.convert)."""
@@ -101,24 +106,24 @@ class TrainedModel:
         the training normalisation, the model in inference mode at the run's precision and,
         where the run (or `tta_flip`) says so, the mean with the mirror image's logits."""
         return functools.partial(_logits, self.model, self.tta_flip if tta_flip is None
-                                 else tta_flip, self.precision, self.info)
+                                 else tta_flip, self.precision, self.info, self.image_size)
 
 
-def _logits(model, tta_flip: bool, precision: str, info: datasets.DatasetInfo, variables,
-            images):
+def _logits(model, tta_flip: bool, precision: str, info: datasets.DatasetInfo, size: int,
+            variables, images):
     from cifar_jax.engine import PRECISIONS
 
     with jax.default_matmul_precision(PRECISIONS[precision]):
-        x = augment.normalize(images, model.dtype, info)
+        x = augment.normalize(images, model.dtype, info, size)
         out = model.apply(variables, x, train=False)
         if tta_flip:
             out = 0.5 * (out + model.apply(variables, x[:, :, ::-1, :], train=False))
     return out
 
 
-# Compiled once per (model, TTA, precision, data set, batch shape): the trials of one model
-# share it.
-_jitted_logits = jax.jit(_logits, static_argnums=(0, 1, 2, 3))
+# Compiled once per (model, TTA, precision, data set, image size, batch shape): the trials of
+# one model share it.
+_jitted_logits = jax.jit(_logits, static_argnums=(0, 1, 2, 3, 4))
 
 
 class Predictor:
@@ -135,7 +140,7 @@ class Predictor:
             model, precision, info = trained.model, trained.precision, trained.info
             variables = jax.device_put(trained.variables)
             self._batch = lambda x: np.asarray(_jitted_logits(  # noqa: E731
-                model, self.tta_flip, precision, info, variables, x))
+                model, self.tta_flip, precision, info, trained.image_size, variables, x))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         out = []

@@ -72,17 +72,32 @@ def _by_kind(kind, weight_decay, mask, momentum: float, nesterov: bool):
     return optax.GradientTransformation(adam.init, update)
 
 
+def backbone_scaling(head: str, scale: float, freeze_steps: int):
+    """Fine-tuning (optax.multi_transform): updates of every parameter but the classifier
+    `head` scaled by `scale`, and by 0 for the first `freeze_steps` updates."""
+    factor = lambda step: jnp.where(step < freeze_steps, 0.0, scale)  # noqa: E731
+    return optax.multi_transform(
+        {"head": optax.identity(), "backbone": optax.scale_by_schedule(factor)},
+        lambda params: {k: "head" if k == head else "backbone" for k in params})
+
+
 def make_optimizer(total_steps: int, warmup_steps: int = 0, momentum: float = 0.9,
-                   nesterov: bool = False, decay_bn_and_bias: bool = True):
+                   nesterov: bool = False, decay_bn_and_bias: bool = True, head: str = "",
+                   backbone_lr_scale: float = 1.0, freeze_steps: int = 0):
     """An optax transformation with injected `optimizer` (index), `learning_rate` and
-    `weight_decay`; set them with `with_hyperparams`."""
+    `weight_decay`; set them with `with_hyperparams`. With a `backbone_lr_scale` other than 1
+    or `freeze_steps`, the parameters other than the classifier `head` learn slower, or not
+    at first (`backbone_scaling`)."""
     schedule = unit_schedule(total_steps, warmup_steps)
     mask = None if decay_bn_and_bias else _kernels_only
+    fine_tuning = backbone_lr_scale != 1.0 or freeze_steps > 0
 
     def build(optimizer, learning_rate, weight_decay):
         return optax.chain(_by_kind(optimizer, weight_decay, mask, momentum, nesterov),
                            optax.scale_by_schedule(schedule),
-                           optax.scale_by_learning_rate(learning_rate))
+                           optax.scale_by_learning_rate(learning_rate),
+                           *([backbone_scaling(head, backbone_lr_scale, freeze_steps)]
+                             if fine_tuning else []))
 
     return optax.inject_hyperparams(build)(optimizer=0, learning_rate=0.0, weight_decay=0.0)
 

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from cifar_jax import (checkpointing, config_checks, distill, engine as engine_lib, input_pipeline,
-                       metric_writing, optim, workdir as workdir_lib)
+                       metric_writing, optim, transfer, workdir as workdir_lib)
 from cifar_jax.checkpointing import Checkpoints
 from cifar_jax.engine import Metrics, Progress, TrainState
 # The ways a run stops early, re-exported: callers catch train.Preempted / train.Diverged.
@@ -203,10 +203,12 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
                      "masks, so the result is the same).", config.eval_batch_size,
                      dataset.largest_eval, programs.spec.eval_batch_size)
     abstract = jax.eval_shape(lambda: programs.init_state(config))
+    pretrained = transfer.pretrained_variables(  # checked now, used by runs that start afresh
+        config, {"params": abstract.params, "batch_stats": abstract.batch_stats})
     try:
         for m in running:
             m.ckpts = Checkpoints(m.workdir, m.config.checkpoint_max_to_keep)
-        states, epoch_metrics, step = _restore_or_init(running, programs, abstract)
+        states, epoch_metrics, step = _restore_or_init(running, programs, abstract, pretrained)
         # Every check has passed: from here on the workdirs are written.
         for m in running:
             workdir_lib.store_config(m.config, m.workdir)
@@ -234,8 +236,10 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
     return pack
 
 
-def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstract):
-    """Each member's state, from its latest checkpoint or fresh; all at one common step.
+def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstract,
+                     pretrained: Optional[Dict[str, Any]] = None):
+    """Each member's state, from its latest checkpoint or fresh (from `pretrained` weights
+    where given: transfer learning); all at one common step.
 
     Members of a pack saved together, so they normally share their latest step; after a
     damaged checkpoint one may fall back further, and the others then go back to that step
@@ -258,6 +262,8 @@ def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstr
     for m, r in zip(members, restored):
         if r is None:
             state, metrics = jax.device_get(programs.init_state(m.config)), Metrics.empty()
+            if pretrained:
+                state = _with_pretrained(state, pretrained)
         else:
             _, tree, meta = r
             state = flax.serialization.from_state_dict(abstract, tree["train_state"])
@@ -273,6 +279,15 @@ def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstr
         states.append(jax.device_get(engine_lib.with_config_hyperparameters(state, m.config)))
         epoch_metrics.append(metrics)
     return engine_lib.stack(states), engine_lib.stack(epoch_metrics), step
+
+
+def _with_pretrained(state: TrainState, pretrained: Dict[str, Any]) -> TrainState:
+    """A fresh state with the pretrained weights in place of the initial ones (the classifier,
+    absent from them, keeps its initialisation); the weight average starts from them too."""
+    params = transfer.merged(state.params, pretrained["params"])
+    stats = transfer.merged(state.batch_stats, pretrained.get("batch_stats", {}))
+    ema = {"params": params, "batch_stats": stats} if state.ema is not None else None
+    return state.replace(params=params, batch_stats=stats, ema=ema)
 
 
 def _log_start(pack: Pack) -> None:

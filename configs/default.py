@@ -52,6 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
     # 'jax', or 'torch' to run the PyTorch twin (cifar_jax.torch_twin) with the same recipe.
     config.framework = "jax"
 
+    # Transfer learning (configs/transfer.py; JAX only): start from a torchvision ImageNet
+    # state dict (.pth, downloaded by you; the model must be an ImageNet form such as
+    # 'resnet18_imagenet'); the classifier starts afresh for the data set's classes.
+    config.init_from = ""  # '' = random initialisation
+    config.backbone_lr_scale = 1.0  # learning-rate factor for all but the classifier
+    config.freeze_backbone_epochs = 0.0  # all but the classifier stay still this long
+
     # Knowledge distillation (configs/distill.py; JAX only): a trained teacher's predictions
     # softened by `temperature` join the loss, (1 - alpha) * cross-entropy
     # + alpha * T^2 * KL(teacher_T || student_T); the teacher runs in inference mode on the
@@ -77,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.split_seed = 0  # fixed validation split, independent of config.seed
     # 'none' | 'basic' (pad-4 random crop + horizontal flip) | 'advanced' (basic + colour jitter)
     config.data.augmentation = "basic"
+    # The side images are resized to on the device before augmentation (bilinear,
+    # antialiased): 32 = as stored; larger for ImageNet-pretrained models (configs/transfer.py).
+    config.data.image_size = 32
     # Sizes of the synthetic data set (source 'synthetic' only).
     config.data.synthetic_train_size = 2000
     config.data.synthetic_test_size = 500

@@ -21,6 +21,8 @@
 #   vit     configs/vit.py: the ViT-Lite-7/4 recipe at the study's budget, 3 seeds
 #   distill configs/distill.py: MobileNetV2 taught by the study grid's selected ResNet-18
 #           ($RUNS/grid), seeds 0, 1, 2, and the same runs with alpha 0 (no teacher's term)
+#   transfer  configs/transfer.py: torchvision's ImageNet ResNet-18 fine-tuned (3 seeds); needs
+#           WEIGHTS=<path of resnet18-f37072fd.pth> (carried in .device/, never downloaded)
 #   cifar100  the study's grid on CIFAR-100 (DATA_SOURCE must then be a CIFAR-100 copy, e.g.
 #           cifar_dir:.device/data/cifar-100-python; none is carried by default)
 #
@@ -94,6 +96,13 @@ print('XLA_FLAGS', os.environ.get('XLA_FLAGS'))" &&
           "${COMMON[@]}" || break 2
       done
     done ;;
+  transfer)
+    for seed in 0 1 2; do
+      run transfer "$LOG" python3 -m cifar_jax.main --config configs/transfer.py \
+        --workdir "$RUNS/transfer/seed$seed" --config.seed=$seed \
+        --config.init_from="${WEIGHTS:?transfer needs WEIGHTS=path/to/resnet18-f37072fd.pth}" \
+        "${COMMON[@]}" || break
+    done ;;
   cifar100)
     run cifar100 "$LOG" python3 -m cifar_jax.main --config configs/grid.py \
       --workdir "$RUNS/grid_cifar100" --config.data.dataset=cifar100 \
@@ -101,7 +110,7 @@ print('XLA_FLAGS', os.environ.get('XLA_FLAGS'))" &&
   profile)
     run profile "$LOG" python3 scripts/profile_dtype.py --model "${PROFILE_MODEL:-resnet18}" \
       --batch_size 128 --hlo_dir "$RUNS/profile" ;;
-  *) echo "unknown phase $PHASE (preflight, study, twin, recipe, bench, profile, depthwise, deploy, vit, distill, cifar100)" >&2
+  *) echo "unknown phase $PHASE (preflight, study, twin, recipe, bench, profile, depthwise, deploy, vit, distill, transfer, cifar100)" >&2
      exit 2 ;;
 esac
 rc=$?

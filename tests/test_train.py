@@ -168,6 +168,8 @@ def input_pipeline_normalize(images):
     ("dropout_rate", 1.0, r"config.dropout_rate=1.0 .*< 1"),
     ("nesterov", True, r"config.nesterov=True has no effect with optimizer 'adam'"),
     ("precision", "fp8", r"config.precision='fp8' .*default, tf32, highest"),
+    ("backbone_lr_scale", -1.0, r"config.backbone_lr_scale=-1.0 .*>= 0"),
+    ("freeze_backbone_epochs", 2.0, r"backbone must move before training ends"),
 ])
 def test_invalid_config_names_field_value_and_choices(tiny_config, field, value, message):
     tiny_config[field] = value
@@ -229,6 +231,10 @@ def test_a_synthetic_cifar100_run_trains_and_serves_100_classes(tiny_config, tmp
     tiny_config.data.dataset = "imagenet"
     with pytest.raises(config_checks.ConfigError, match="data.dataset='imagenet'.*cifar10, "
                                                         "cifar100"):
+        config_checks.validate_config(tiny_config, num_devices=1)
+    tiny_config.data.dataset, tiny_config.model, tiny_config.data.image_size = "cifar100", \
+        "alexnet", 64  # and an image size that AlexNet's layers cannot take
+    with pytest.raises(config_checks.ConfigError, match="image_size=64 does not fit alexnet"):
         config_checks.validate_config(tiny_config, num_devices=1)
 
 

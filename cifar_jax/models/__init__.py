@@ -5,8 +5,8 @@ from typing import Callable, Dict, Optional
 import flax.linen as nn
 
 from cifar_jax.models.alexnet import AlexNet
-from cifar_jax.models.mobilenetv2 import MobileNetV2
-from cifar_jax.models.resnet import ResNet18, ResNet50
+from cifar_jax.models.mobilenetv2 import MobileNetV2, MobileNetV2ImageNet
+from cifar_jax.models.resnet import ResNet18, ResNet18ImageNet, ResNet50, ResNet50ImageNet
 from cifar_jax.models.tiny import TinyCNN
 from cifar_jax.models.vit import ViT
 
@@ -17,7 +17,17 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet50": ResNet50,
     "vit": ViT,  # future work of the study: ViT-Lite-7/4 (configs/vit.py)
     "tiny": TinyCNN,  # tests and quick checks of the pipeline; not in the study
+    # torchvision's ImageNet forms, to fine-tune from its weights (config.init_from):
+    "resnet18_imagenet": ResNet18ImageNet,
+    "resnet50_imagenet": ResNet50ImageNet,
+    "mobilenetv2_imagenet": MobileNetV2ImageNet,
 }
+
+
+def classifier_name(name: str) -> str:
+    """The name of model `name`'s classifier layer (its parameters' top-level key)."""
+    return {"alexnet": "fc3", "vit": "head"}.get(
+        name, "classifier" if name.startswith("mobilenetv2") else "fc")
 
 
 def dropout_rate(name: str, override=None) -> float:

@@ -1,7 +1,9 @@
-"""MobileNetV2 (torchvision topology, width 1.0) adapted to 32x32 CIFAR images.
+"""MobileNetV2 (torchvision topology, width 1.0) adapted to 32x32 CIFAR images, and its
+ImageNet form (transfer learning from torchvision's weights).
 
 Changes from the ImageNet model: the stem conv and the first t=6 stage (c=24) run at
 stride 1 instead of 2, so the network downsamples 32 -> 4 instead of 224 -> 7.
+`MobileNetV2ImageNet` keeps torchvision's strides, with the same blocks.
 """
 
 from typing import Any, Optional, Sequence, Tuple
@@ -21,6 +23,9 @@ CIFAR_INVERTED_RESIDUAL_SETTING: Tuple[Tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+# torchvision's own (ImageNet) strides.
+IMAGENET_INVERTED_RESIDUAL_SETTING = tuple(
+    (t, c, n, 2 if c == 24 else s) for t, c, n, s in CIFAR_INVERTED_RESIDUAL_SETTING)
 
 
 def relu6(x):
@@ -81,12 +86,13 @@ class MobileNetV2(nn.Module):
     # grouped convolution elsewhere), 'shifts' or 'grouped'; the same parameters either way.
     depthwise: str = "auto"
     dtype: Any = jnp.float32
+    stem_strides: int = 1  # 2 in torchvision
 
     @nn.compact
     def __call__(self, x, train: bool = False, dropout_rate: Optional[Any] = None):
         rate = self.dropout_rate if dropout_rate is None else dropout_rate
         x = x.astype(self.dtype)
-        x = ConvBNReLU6(32, 3, 1, dtype=self.dtype, name="stem")(x, train)  # stride 2 in torchvision
+        x = ConvBNReLU6(32, 3, self.stem_strides, dtype=self.dtype, name="stem")(x, train)
         index = 0
         for t, c, n, s in self.setting:
             for i in range(n):
@@ -100,3 +106,10 @@ class MobileNetV2(nn.Module):
         x = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                      dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
+
+
+class MobileNetV2ImageNet(MobileNetV2):
+    """torchvision's MobileNetV2 (its strides), to fine-tune from its ImageNet weights."""
+
+    setting: Sequence[Tuple[int, int, int, int]] = IMAGENET_INVERTED_RESIDUAL_SETTING
+    stem_strides: int = 2

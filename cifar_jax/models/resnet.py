@@ -1,8 +1,11 @@
-"""ResNet-18 and ResNet-50 (torchvision topology) adapted to 32x32 CIFAR images.
+"""ResNet-18 and ResNet-50 (torchvision topology) adapted to 32x32 CIFAR images, and their
+ImageNet forms (transfer learning from torchvision's weights).
 
 Changes from the ImageNet models: the stem is a 3x3 stride-1 convolution and there is no
-max-pool, so the 32x32 input keeps its resolution through the first stage. Optional dropout
-before the classifier (default 0: the torchvision models have none).
+max-pool, so the 32x32 input keeps its resolution through the first stage. `stem='imagenet'`
+restores torchvision's own stem (7x7 stride-2 convolution, 3x3 stride-2 max-pool), the rest
+being the same blocks. Optional dropout before the classifier (default 0: the torchvision
+models have none).
 """
 
 from typing import Any, Optional, Sequence
@@ -70,13 +73,17 @@ class ResNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)
     dropout_rate: float = 0.0  # default; the train step passes the rate as data
     dtype: Any = jnp.float32
+    stem: str = "cifar"  # 'cifar': 3x3 stride 1; 'imagenet': torchvision's 7x7/2 + max-pool/2
 
     @nn.compact
     def __call__(self, x, train: bool = False, dropout_rate: Optional[Any] = None):
         rate = self.dropout_rate if dropout_rate is None else dropout_rate
         x = x.astype(self.dtype)
-        x = _conv(64, 3, 1, self.dtype, "conv1")(x)
+        imagenet = self.stem == "imagenet"
+        x = _conv(64, 7 if imagenet else 3, 2 if imagenet else 1, self.dtype, "conv1")(x)
         x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn1")(x))
+        if imagenet:
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for b in range(blocks):
                 strides = 2 if stage > 0 and b == 0 else 1
@@ -98,3 +105,15 @@ class ResNet50(ResNet):
 
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     block: Any = Bottleneck
+
+
+class ResNet18ImageNet(ResNet18):
+    """torchvision's ResNet-18 (ImageNet stem), to fine-tune from its ImageNet weights."""
+
+    stem: str = "imagenet"
+
+
+class ResNet50ImageNet(ResNet50):
+    """torchvision's ResNet-50 (ImageNet stem), to fine-tune from its ImageNet weights."""
+
+    stem: str = "imagenet"

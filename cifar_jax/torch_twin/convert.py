@@ -6,6 +6,7 @@ scale/bias/mean/var <-> weight/bias/running_mean/running_var (LayerNorm: scale/b
 weight/bias); the ViT's cls_token and pos_embedding keep their names and layouts.
 """
 
+import re
 from typing import Any, Dict
 
 import numpy as np
@@ -68,3 +69,72 @@ def torch_to_flax(state_dict: Dict[str, torch.Tensor], template: Dict[str, Any])
         if converted:
             result[collection] = traverse_util.unflatten_dict(converted)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision's ImageNet state dicts (config.init_from): its names -> these models' names.
+
+
+def _torchvision_resnet_name(key: str) -> str:
+    """'layer1.0.downsample.1.weight' -> 'layer1_0.downsample_bn.weight'."""
+    key = re.sub(r"^layer(\d)\.(\d+)\.", r"layer\1_\2.", key)
+    return key.replace("downsample.0.", "downsample_conv.").replace("downsample.1.",
+                                                                  "downsample_bn.")
+
+
+def _torchvision_mobilenetv2_name(key: str) -> str:
+    """'features.0.1.weight' -> 'stem.bn.weight', 'features.2.conv.1.0.weight' ->
+    'block1.depthwise.conv.weight', 'classifier.1.bias' -> 'classifier.bias'."""
+    parts = key.split(".")
+    if parts[0] == "classifier":
+        return ".".join(["classifier"] + parts[2:])
+    index, rest = int(parts[1]), parts[2:]
+    layer = {"0": "conv", "1": "bn"}
+    if index == 0 or index == 18:
+        return ".".join(["stem" if index == 0 else "head", layer[rest[0]]] + rest[1:])
+    # features.i.conv: [expand (t != 1)], depthwise, project conv, project bn.
+    names = ["expand", "depthwise"] if index > 1 else ["depthwise"]
+    position = int(rest[1])
+    if position < len(names):  # a Conv2dNormActivation: .0 conv, .1 bn
+        return ".".join([f"block{index - 1}", names[position], layer[rest[2]]] + rest[3:])
+    project = "conv" if position == len(names) else "bn"
+    return ".".join([f"block{index - 1}", "project", project] + rest[2:])
+
+
+TORCHVISION_NAMES = {"resnet18_imagenet": _torchvision_resnet_name,
+                     "resnet50_imagenet": _torchvision_resnet_name,
+                     "mobilenetv2_imagenet": _torchvision_mobilenetv2_name}
+TORCHVISION_CLASSIFIERS = {"resnet18_imagenet": "fc", "resnet50_imagenet": "fc",
+                           "mobilenetv2_imagenet": "classifier"}
+
+
+def from_torchvision(state_dict: Dict[str, torch.Tensor], model: str, template: Dict[str, Any],
+                     with_classifier: bool = False) -> Dict[str, Any]:
+    """A torchvision ImageNet state dict of `model` (TORCHVISION_NAMES) -> Flax variables
+    shaped like `template`. Every tensor is mapped by name and its shape checked; a tensor the
+    model lacks, or one the file lacks, is refused by name (ValueError). Without
+    `with_classifier` the file's classifier is left out, and so is the template's: the caller
+    keeps its own, initialised for its data set's classes."""
+    rename, head = TORCHVISION_NAMES[model], TORCHVISION_CLASSIFIERS[model]
+    renamed = {rename(k): v for k, v in state_dict.items()
+               if not k.endswith("num_batches_tracked")}
+    if not with_classifier:
+        renamed = {k: v for k, v in renamed.items() if k.split(".")[0] != head}
+        template = {c: {k: v for k, v in t.items() if k != head} for c, t in template.items()}
+    expected = {".".join(path[:-1] + (names[path[-1]],))
+                for collection, names in (("params", _PARAM_NAMES), ("batch_stats", _STAT_NAMES))
+                for path in traverse_util.flatten_dict(dict(template.get(collection, {})))}
+    unknown = sorted(set(renamed) - expected)
+    if unknown:
+        originals = {rename(k): k for k in state_dict}
+        raise ValueError(f"{len(unknown)} tensors of the file have no place in {model}: "
+                         f"{', '.join(originals[k] for k in unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''}. Is it torchvision's {model} "
+                         "state dict?")
+    try:
+        return torch_to_flax(renamed, template)
+    except KeyError as e:
+        raise ValueError(f"the file is not a whole torchvision {model} state dict: "
+                         f"{e.args[0]}") from None
+    except ValueError as e:
+        raise ValueError(f"the file does not fit {model}: {e}") from None
