@@ -42,7 +42,8 @@ def test_logits_are_float32_per_class_and_parameters_stay_float32(name, dtype):
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(ValueError, match="alexnet, mobilenetv2, resnet18, resnet50"):
+    with pytest.raises(ValueError, match="alexnet, mobilenetv2, mobilenetv2_imagenet, "
+                                         "resnet18"):
         get_model("vgg16")
 
 

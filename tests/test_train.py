@@ -295,7 +295,8 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path):
          "--config.learning_rate=0", CACHE_FLAG], cwd=ROOT, capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 2
-    assert "config.model='vgg16'" in proc.stderr and "alexnet, mobilenetv2, resnet18" in proc.stderr
+    assert "config.model='vgg16'" in proc.stderr
+    assert "alexnet, mobilenetv2, mobilenetv2_imagenet" in proc.stderr
     assert "config.learning_rate=0" in proc.stderr
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
