@@ -139,6 +139,10 @@ def _check_distill(errors: List[str], config) -> None:
         return
     _number(errors, "distill.temperature", d.temperature, 0, low_open=True)
     _number(errors, "distill.alpha", d.alpha, 0, 1)
+    if not d.teacher_workdir and (d.temperature, d.alpha) != (
+            LATER_FIELDS["distill.temperature"], LATER_FIELDS["distill.alpha"]):
+        errors.append(f"config.distill.temperature={d.temperature!r} / alpha={d.alpha!r} have "
+                      "no effect without config.distill.teacher_workdir (the teacher).")
     if d.teacher_model and not d.teacher_workdir:
         errors.append(f"config.distill.teacher_model={d.teacher_model!r} has no effect without "
                       "config.distill.teacher_workdir (the grid whose selected trial teaches).")
@@ -248,4 +252,11 @@ def fixed_field_changes(stored: Dict[str, Any], current) -> List[str]:
     if (a.get("ema_decay", 0) > 0) != (b.get("ema_decay", 0) > 0):
         lines.append(f"ema_decay: stored {a.get('ema_decay')!r}, now {b.get('ema_decay')!r} "
                      "(turns the weight average on or off)")
+    tuning = lambda c: (c.get("backbone_lr_scale", 1.0) != 1.0  # noqa: E731
+                        or c.get("freeze_backbone_epochs", 0.0) > 0)
+    if tuning(a) != tuning(b):
+        lines.append(f"backbone_lr_scale / freeze_backbone_epochs: stored "
+                     f"{a.get('backbone_lr_scale')!r} / {a.get('freeze_backbone_epochs')!r}, now "
+                     f"{b.get('backbone_lr_scale')!r} / {b.get('freeze_backbone_epochs')!r} "
+                     "(turns the fine-tuning optimizer's own state on or off)")
     return lines

@@ -13,6 +13,7 @@ weights passed in as an argument and never updated.
 """
 
 import dataclasses
+import os
 from typing import Any, Dict, Optional
 
 import jax
@@ -40,6 +41,16 @@ def load_teacher(config) -> Optional[Teacher]:
         return None
     where = (f"config.distill.teacher_workdir={d.teacher_workdir!r}"
              + (f" (teacher_model={d.teacher_model!r})" if d.teacher_model else ""))
+    path = os.path.expanduser(d.teacher_workdir)
+    grid = os.path.isfile(os.path.join(path, "grid_config.json"))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TeacherError(f"{where} is a file, not a run's or a grid's workdir.")
+    if grid and not d.teacher_model:
+        raise TeacherError(f"{where} is a grid: set config.distill.teacher_model to the model "
+                           "whose selected trial teaches.")
+    if os.path.isdir(path) and not grid and d.teacher_model:
+        raise TeacherError(f"{where} is a single run, not a grid: leave "
+                           "config.distill.teacher_model empty.")
     try:
         trained = inference.load(d.teacher_workdir, d.teacher_model or None)
         variables = jax.device_get(trained.variables)
@@ -50,6 +61,12 @@ def load_teacher(config) -> Optional[Teacher]:
         raise TeacherError(
             f"{where} was trained on {trained.info.title}, this run trains on {student.title}: "
             "a teacher must know the student's classes. Give a teacher of the same data set.")
+    size = int(config.data.get("image_size", 32))
+    if trained.image_size != size:  # the teacher sees the student's batch as it is
+        raise TeacherError(
+            f"{where} was trained on {trained.image_size}x{trained.image_size} images, this "
+            f"run feeds {size}x{size} ones (config.data.image_size): give a teacher of the "
+            "student's image size.")
     return Teacher(trained.config.model, variables, {
         "workdir": trained.workdir, "model": trained.config.model,
         "description": trained.description,

@@ -454,9 +454,11 @@ def _check_split(split: Split, name: str, source: str, info: DatasetInfo):
                         f"{split.images.shape}; expected uint8 [N, 32, 32, 3].")
     found, k = np.unique(split.labels), info.num_classes
     if len(found) != k or found.min() != 0 or found.max() != k - 1:
+        hint = (f" Give synthetic data at least {k} images per split "
+                f"(config.data.synthetic_{name}_size)." if source == "synthetic" else "")
         raise DataError(f"{source}: the {name} split has {len(found)} classes "
                         f"({found.tolist()[:12]}{' ...' if len(found) > 12 else ''}); "
-                        f"{info.title} needs exactly {k} (labels 0..{k - 1}).")
+                        f"{info.title} needs exactly {k} (labels 0..{k - 1}).{hint}")
 
 
 def load_dataset(data_config) -> Dataset:

@@ -13,6 +13,7 @@ Member: steps, best epoch, writers) is plain mutable Python.
 """
 
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -176,6 +177,12 @@ def _check_pack(members: List[Member], dataset, teacher: Optional[distill.Teache
                                     dataset.largest_eval, teacher.model if teacher else "")
              for m in members}
     pack_level = {(m.config.log_every_steps, m.config.evaluate_test) for m in members}
+    for spec in specs:
+        if spec.freeze_steps >= spec.total_steps > 0:
+            raise config_checks.ConfigError(
+                f"config.freeze_backbone_epochs={spec.freeze_epochs!r} freezes all "
+                f"{spec.total_steps} steps of this run ({spec.steps_per_epoch} per epoch): the "
+                "backbone would never move. Freeze fewer epochs.")
     if len(specs) != 1 or len(pack_level) != 1:
         raise config_checks.ConfigError(
             "These trials cannot train as one pack: they differ in fields that shape the "
@@ -203,8 +210,9 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
                      "masks, so the result is the same).", config.eval_batch_size,
                      dataset.largest_eval, programs.spec.eval_batch_size)
     abstract = jax.eval_shape(lambda: programs.init_state(config))
-    pretrained = transfer.pretrained_variables(  # checked now, used by runs that start afresh
-        config, {"params": abstract.params, "batch_stats": abstract.batch_stats})
+    # Read (and checked) only where a run starts afresh: a resume has its weights.
+    pretrained = functools.partial(transfer.pretrained_variables, config,
+                                   {"params": abstract.params, "batch_stats": abstract.batch_stats})
     try:
         for m in running:
             m.ckpts = Checkpoints(m.workdir, m.config.checkpoint_max_to_keep)
@@ -237,9 +245,9 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
 
 
 def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstract,
-                     pretrained: Optional[Dict[str, Any]] = None):
-    """Each member's state, from its latest checkpoint or fresh (from `pretrained` weights
-    where given: transfer learning); all at one common step.
+                     pretrained: Optional[Callable[[], Optional[Dict[str, Any]]]] = None):
+    """Each member's state, from its latest checkpoint or fresh (from the weights `pretrained()`
+    returns, if any: transfer learning); all at one common step.
 
     Members of a pack saved together, so they normally share their latest step; after a
     damaged checkpoint one may fall back further, and the others then go back to that step
@@ -258,12 +266,13 @@ def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstr
         restored = [r if r[0] == target else m.ckpts.restore_latest(template, max_step=target)
                     for m, r in zip(members, restored)]
     step = restored[0][0] if restored[0] else 0
+    weights = pretrained() if pretrained and any(r is None for r in restored) else None
     states, epoch_metrics = [], []
     for m, r in zip(members, restored):
         if r is None:
             state, metrics = jax.device_get(programs.init_state(m.config)), Metrics.empty()
-            if pretrained:
-                state = _with_pretrained(state, pretrained)
+            if weights:
+                state = _with_pretrained(state, weights)
         else:
             _, tree, meta = r
             state = flax.serialization.from_state_dict(abstract, tree["train_state"])

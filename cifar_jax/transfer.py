@@ -37,6 +37,9 @@ def pretrained_variables(config, template: Dict[str, Any]) -> Optional[Dict[str,
     if config.model not in WEIGHT_URLS:
         raise InitError(f"{where} needs a model with torchvision's ImageNet form: "
                         f"{', '.join(WEIGHT_URLS)} (config.model={config.model!r}).")
+    if os.path.isdir(path):
+        raise InitError(f"{where} is a directory; give the weights file in it (torchvision's "
+                        f"for {config.model}: {os.path.basename(WEIGHT_URLS[config.model])}).")
     if not os.path.isfile(path):
         raise InitError(f"{where}: no such file. torchvision's ImageNet weights for "
                         f"{config.model}: {WEIGHT_URLS[config.model]} (download it yourself; "
@@ -51,8 +54,10 @@ def pretrained_variables(config, template: Dict[str, Any]) -> Optional[Dict[str,
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle and zip errors come in many types
-        raise InitError(f"{where} cannot be read as a PyTorch state dict: "
-                        f"{type(e).__name__}: {e}") from None
+        raise InitError(f"{where} cannot be read as a PyTorch state dict ({type(e).__name__}"
+                        f"{': ' + str(e) if str(e) else ''}); expected the .pth file "
+                        "torchvision serves, as torch.save(model.state_dict()) writes it (a "
+                        "truncated download reads so too: fetch it again).") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise InitError(f"{where} holds no state dict (a dict of tensors, as "
                         "torch.save(model.state_dict()) writes).")

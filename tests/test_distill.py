@@ -92,7 +92,21 @@ def test_an_unusable_teacher_is_refused_before_anything_runs(teacher, tiny_confi
         with pytest.raises(distill.TeacherError, match=f"teacher_workdir=.*{messages[case]}"):
             train.train_and_evaluate(_student(tiny_config, path, 0.9), str(tmp_path / "student"))
         assert not os.path.exists(tmp_path / "student" / "config.json")
+    tiny_config.data.image_size = 64  # the teacher would see images of a size it never saw
+    with pytest.raises(distill.TeacherError, match="trained on 32x32 images, this run feeds "
+                                                   "64x64"):
+        train.train_and_evaluate(_student(tiny_config, teacher[0], 0.9), str(tmp_path / "i64"))
+    tiny_config.data.image_size = 32
+    tiny_config.distill.teacher_model = "tiny"  # a single run has no models to choose from
+    with pytest.raises(distill.TeacherError, match="is a single run, not a grid"):
+        train.train_and_evaluate(_student(tiny_config, teacher[0], 0.9), str(tmp_path / "one"))
+    tiny_config.distill.teacher_model = ""
     tiny_config.data.dataset = "cifar100"
     with pytest.raises(distill.TeacherError, match="trained on CIFAR-10, this run trains on "
                                                    "CIFAR-100"):
         train.train_and_evaluate(_student(tiny_config, teacher[0], 0.9), str(tmp_path / "c100"))
+    # Distillation's settings without a teacher would do nothing: refused.
+    tiny_config.data.dataset, tiny_config.distill.teacher_workdir = "cifar10", ""
+    tiny_config.distill.alpha = 0.5
+    with pytest.raises(config_checks.ConfigError, match="no effect without config.distill"):
+        config_checks.validate_config(tiny_config, num_devices=1)

@@ -112,9 +112,20 @@ def test_a_wrong_or_partial_file_is_refused_by_name(torchvision_models, tmp_path
         torch.save(content, config.init_from)
         with pytest.raises(transfer.InitError, match=message):
             transfer.pretrained_variables(config, template)
+    config.model, config.init_from = "mobilenetv2_imagenet", str(tmp_path / "r18.pth")
+    with pytest.raises(transfer.InitError, match=r"tensors of the file have no place in "
+                                                 r"mobilenetv2_imagenet: .*Is it torchvision's"):
+        transfer.pretrained_variables(config, _template("mobilenetv2_imagenet"))
     config.model = "resnet18"
     with pytest.raises(transfer.InitError, match="needs a model with torchvision's ImageNet"):
         transfer.pretrained_variables(config, template)
+    # Fine-tuning's optimizer state exists only with a backbone factor or a freeze: switching
+    # it on or off on resume is a change no checkpoint can take (named as such).
+    from cifar_jax import config_checks
+
+    stored = config.to_dict()
+    config.backbone_lr_scale = 0.5
+    assert "fine-tuning optimizer" in " ".join(config_checks.fixed_field_changes(stored, config))
 
 
 def test_the_backbone_waits_then_learns_at_its_scale():

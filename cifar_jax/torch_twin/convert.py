@@ -115,7 +115,14 @@ def from_torchvision(state_dict: Dict[str, torch.Tensor], model: str, template: 
     model lacks, or one the file lacks, is refused by name (ValueError). Without
     `with_classifier` the file's classifier is left out, and so is the template's: the caller
     keeps its own, initialised for its data set's classes."""
-    rename, head = TORCHVISION_NAMES[model], TORCHVISION_CLASSIFIERS[model]
+    head = TORCHVISION_CLASSIFIERS[model]
+
+    def rename(key: str) -> str:
+        try:
+            return TORCHVISION_NAMES[model](key)
+        except (IndexError, KeyError, ValueError):  # no torchvision name of this model
+            return f"?{key}"
+
     renamed = {rename(k): v for k, v in state_dict.items()
                if not k.endswith("num_batches_tracked")}
     if not with_classifier:
