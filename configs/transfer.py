@@ -11,11 +11,11 @@ files). The classifier starts afresh for the data set's classes.
 
 The recipe, as fine-tuning commonly goes: images upsampled on the device to 128x128 (the
 ImageNet models downsample 32x before their last stage; 224 is closer to their training and
-about 3x slower again), SGD with Nesterov momentum at 0.01 for the new classifier and a tenth of
+(224/128)^2 = 3.1x the work), SGD with Nesterov momentum at 0.01 for the new classifier and a tenth of
 it for the pretrained backbone (optax.multi_transform), the backbone frozen for the first epoch
 while the classifier settles, 5 epochs, light weight decay. The BatchNorm statistics start from
 ImageNet's and are re-estimated on CIFAR as training goes (running averages, momentum 0.1).
-Normalisation keeps the data set's statistics. On a GPU this is minutes; on a CPU, use 64.
+Normalisation keeps the data set's statistics. On a CPU, use 64 (not measured at 128 there).
 """
 
 import ml_collections
