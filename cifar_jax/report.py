@@ -351,13 +351,13 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
         selected = {m: [r for r in rows if r["status"] == "completed" and r["model"] == m
                         and r["trial"].config_name == c.name] for m, c in best.items()}
         _mark_selected(workdir, config, rows, selected, dataset)
+        info = datasets.of_config(config)
         _write_csv(os.path.join(workdir, "results.csv"), rows)
         workdir_lib.write_text_atomic(
             os.path.join(workdir, "summary.md"),
             summary_markdown(rows, best, selected, runner_up, leaders,
-                             _evaluations(workdir, selected), datasets.of_config(config)))
-        plots.write_plots(workdir, rows, best, selected, config.grid.default_trial,
-                          datasets.of_config(config).title)
+                             _evaluations(workdir, selected), info))
+        plots.write_plots(workdir, rows, best, selected, config.grid.default_trial, info.title)
     finally:
         lock.release()
     logging.info("Report: %s/results.csv, summary.md, plots/", workdir)

@@ -435,7 +435,8 @@ def _end_epoch(pack: Pack, epoch: int, seconds: float, steps: int, eta) -> None:
             m.best_val, m.best_epoch = selection, epoch + 1
         # metrics.jsonl first: a resume from an older checkpoint drops this record again.
         workdir_lib.append_jsonl(m.metrics_path, record)
-        m.ckpts.save(pack.step, checkpointing.checkpoint_tree(engine_lib.unstack(states, i), Metrics.empty()),
+        m.ckpts.save(pack.step, checkpointing.checkpoint_tree(engine_lib.unstack(states, i),
+                                                              Metrics.empty()),
                      _meta(pack, m, epoch + 1, "epoch_end"), selection=selection)
         m.writer.flush()
         m.last_record = record

@@ -11,8 +11,9 @@ import os
 from typing import Any, Dict, Optional
 
 from absl import logging
+from flax import traverse_util
 
-from cifar_jax import config_checks
+from cifar_jax import config_checks, models
 
 # Where torchvision's own ImageNet weights come from (and where torchvision keeps what it
 # downloads: ~/.cache/torch/hub/checkpoints/).
@@ -65,13 +66,13 @@ def pretrained_variables(config, template: Dict[str, Any]) -> Optional[Dict[str,
         variables = convert.from_torchvision(state, config.model, template)
     except ValueError as e:
         raise InitError(f"{where}: {e}") from None
-    head = convert.TORCHVISION_CLASSIFIERS[config.model]
     logging.info("Initialised %s from %s (%d tensors); its classifier '%s' starts afresh for "
-                 "this data set's classes.", config.model, path, len(state), head)
+                 "this data set's classes.", config.model, path, len(state),
+                 models.classifier_name(config.model))
     return variables
 
 
 def merged(tree: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     """`tree` (nested dicts) with the leaves `update` has replaced, the others kept."""
-    return {k: merged(v, update[k]) if isinstance(v, dict) and k in update
-            else update.get(k, v) for k, v in tree.items()}
+    flat = traverse_util.flatten_dict
+    return traverse_util.unflatten_dict({**flat(tree), **flat(update)})

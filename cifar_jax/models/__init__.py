@@ -26,8 +26,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 
 def classifier_name(name: str) -> str:
     """The name of model `name`'s classifier layer (its parameters' top-level key)."""
-    return {"alexnet": "fc3", "vit": "head"}.get(
-        name, "classifier" if name.startswith("mobilenetv2") else "fc")
+    return MODELS[name].classifier
 
 
 def dropout_rate(name: str, override=None) -> float:

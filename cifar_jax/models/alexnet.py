@@ -13,6 +13,7 @@ from cifar_jax.models.layers import dropout, torch_default_bias, torch_default_k
 
 
 class AlexNet(nn.Module):
+    classifier = "fc3"  # the classifier layer's name (not a field)
     num_classes: int = 10
     dropout_rate: float = 0.5  # default; the train step may pass the rate as data instead
     dtype: Any = jnp.float32
@@ -45,5 +46,5 @@ class AlexNet(nn.Module):
         x = nn.relu(dense(x, 4096, "fc1"))
         x = dropout(x, rate, deterministic=not train, module=self)
         x = nn.relu(dense(x, 4096, "fc2"))
-        x = dense(x, self.num_classes, "fc3")
+        x = dense(x, self.num_classes, self.classifier)
         return x.astype(jnp.float32)

@@ -79,6 +79,7 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
+    classifier = "classifier"  # the classifier layer's name (not a field)
     num_classes: int = 10
     dropout_rate: float = 0.2
     setting: Sequence[Tuple[int, int, int, int]] = CIFAR_INVERTED_RESIDUAL_SETTING
@@ -104,7 +105,7 @@ class MobileNetV2(nn.Module):
         x = dropout(x, rate, deterministic=not train, module=self)
         # torchvision: Linear weights ~ N(0, 0.01), bias 0.
         x = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
-                     dtype=self.dtype, name="classifier")(x)
+                     dtype=self.dtype, name=self.classifier)(x)
         return x.astype(jnp.float32)
 
 

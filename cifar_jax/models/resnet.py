@@ -67,6 +67,8 @@ def _shortcut(block, x, features, norm):
 class ResNet(nn.Module):
     """CIFAR ResNet: stages of `block` of width 64-128-256-512 (times the block's expansion)."""
 
+    classifier = "fc"  # the classifier layer's name (not a field)
+
     num_classes: int = 10
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     block: Any = BasicBlock
@@ -92,7 +94,8 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         x = dropout(x, rate, deterministic=not train, module=self)
         x = nn.Dense(self.num_classes, kernel_init=torch_default_kernel,
-                     bias_init=torch_default_bias(x.shape[-1]), dtype=self.dtype, name="fc")(x)
+                     bias_init=torch_default_bias(x.shape[-1]), dtype=self.dtype,
+                     name=self.classifier)(x)
         return x.astype(jnp.float32)
 
 

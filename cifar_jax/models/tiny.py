@@ -17,6 +17,7 @@ from cifar_jax.models.layers import (BatchNorm, dropout, torch_default_bias,
 
 
 class TinyCNN(nn.Module):
+    classifier = "fc"  # the classifier layer's name (not a field)
     num_classes: int = 10
     dropout_rate: float = 0.2  # default; the train step may pass the rate as data instead
     dtype: Any = jnp.float32
@@ -36,5 +37,6 @@ class TinyCNN(nn.Module):
         x = block(x, 32, 2).mean(axis=(1, 2))
         x = dropout(x, rate, deterministic=not train, module=self)
         x = nn.Dense(self.num_classes, kernel_init=torch_default_kernel,
-                     bias_init=torch_default_bias(x.shape[-1]), dtype=self.dtype, name="fc")(x)
+                     bias_init=torch_default_bias(x.shape[-1]), dtype=self.dtype,
+                     name=self.classifier)(x)
         return x.astype(jnp.float32)

@@ -52,7 +52,9 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        norm = lambda name: nn.LayerNorm(LAYER_NORM_EPSILON, dtype=self.dtype, name=name)  # noqa: E731
+        def norm(name):
+            return nn.LayerNorm(LAYER_NORM_EPSILON, dtype=self.dtype, name=name)
+
         x = x + SelfAttention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x))
         y = nn.Dense(self.mlp_dim, kernel_init=trunc_normal, dtype=self.dtype,
                      name="fc1")(norm("norm2")(x))
@@ -61,6 +63,7 @@ class EncoderBlock(nn.Module):
 
 
 class ViT(nn.Module):
+    classifier = "head"  # the classifier layer's name (not a field)
     num_classes: int = 10
     dropout_rate: float = 0.1  # default; the train step may pass the rate as data instead
     dtype: Any = jnp.float32
@@ -86,5 +89,6 @@ class ViT(nn.Module):
             x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype, name=f"block{i}")(x)
         x = nn.LayerNorm(LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")(x)[:, 0]
         x = dropout(x, rate, deterministic=not train, module=self)
-        x = nn.Dense(self.num_classes, kernel_init=trunc_normal, dtype=self.dtype, name="head")(x)
+        x = nn.Dense(self.num_classes, kernel_init=trunc_normal, dtype=self.dtype,
+                     name=self.classifier)(x)
         return x.astype(jnp.float32)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from flax import traverse_util
 
+from cifar_jax import models
+
 # Parameters that are neither layer weights nor biases (the ViT's) keep their names.
 _PARAM_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight",
                 "cls_token": "cls_token", "pos_embedding": "pos_embedding"}
@@ -104,8 +106,6 @@ def _torchvision_mobilenetv2_name(key: str) -> str:
 TORCHVISION_NAMES = {"resnet18_imagenet": _torchvision_resnet_name,
                      "resnet50_imagenet": _torchvision_resnet_name,
                      "mobilenetv2_imagenet": _torchvision_mobilenetv2_name}
-TORCHVISION_CLASSIFIERS = {"resnet18_imagenet": "fc", "resnet50_imagenet": "fc",
-                           "mobilenetv2_imagenet": "classifier"}
 
 
 def from_torchvision(state_dict: Dict[str, torch.Tensor], model: str, template: Dict[str, Any],
@@ -115,7 +115,7 @@ def from_torchvision(state_dict: Dict[str, torch.Tensor], model: str, template: 
     model lacks, or one the file lacks, is refused by name (ValueError). Without
     `with_classifier` the file's classifier is left out, and so is the template's: the caller
     keeps its own, initialised for its data set's classes."""
-    head = TORCHVISION_CLASSIFIERS[model]
+    head = models.classifier_name(model)  # the renamed file's classifier has our name
 
     def rename(key: str) -> str:
         try:

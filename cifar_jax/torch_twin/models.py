@@ -248,7 +248,8 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         tokens = (image_size // patch_size) ** 2 + 1
-        self.pos_embedding = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, tokens, width), std=0.02))
+        self.pos_embedding = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, tokens, width),
+                                                                std=0.02))
         self.block_names = [f"block{i}" for i in range(depth)]
         for name in self.block_names:
             self.add_module(name, EncoderBlock(width, num_heads, mlp_dim))
