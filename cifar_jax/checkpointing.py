@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cifar_jax import native, workdir as workdir_lib
+from cifar_jax import distributed, native, workdir as workdir_lib
 from cifar_jax.workdir import WorkdirError
 
 _TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
@@ -100,13 +100,21 @@ def restore_template(abstract) -> Dict[str, Any]:
     return checkpoint_tree(abstract, jax.eval_shape(Metrics.empty))
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """Orbax options for a read this process makes on its own (a multi-process run's process 0
+    writing the report): orbax would otherwise wait for the others at its barriers."""
+    index = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index})
+
+
 def load_weights(directory: str, template: Dict[str, Any]) -> Dict[str, Any]:
     """The best weights a completed run keeps (`best_weights/`), shaped like `template`; reads
-    only (a run directory can be served read-only)."""
+    only (a run directory can be served read-only), in this process alone."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     with native.quiet_stderr():
         try:
-            with ocp.StandardCheckpointer() as checkpointer:
+            with ocp.StandardCheckpointer(
+                    multiprocessing_options=_this_process_only()) as checkpointer:
                 return checkpointer.restore(directory, abstract)
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             raise CheckpointError(f"{directory} is unreadable ({error_summary(e)}): the run's "
@@ -114,16 +122,20 @@ def load_weights(directory: str, template: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class Checkpoints:
-    def __init__(self, workdir: str, max_to_keep: int = 2):
+    def __init__(self, workdir: str, max_to_keep: int = 2, this_process_only: bool = False):
+        """`this_process_only`: reads by one process on its own (see `_this_process_only`);
+        by default every process of a multi-process run takes part in each save and read."""
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.weights_directory = os.path.join(self.workdir, "best_weights")
         check_layout(self.directory)
-        remove_unfinished(self.directory)
+        if distributed.is_writer():  # one process deletes; the others' managers ignore them
+            remove_unfinished(self.directory)
         pp = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             best_fn=_selection_key, best_mode="max", create=True,
             cleanup_tmp_directories=True, enable_async_checkpointing=True,
+            **({"multiprocessing_options": _this_process_only()} if this_process_only else {}),
             preservation_policy=pp.AnyPreservationPolicy([
                 pp.LatestN(max_to_keep),
                 pp.BestN(get_metric_fn=_selection_key, n=1,
@@ -139,6 +151,8 @@ class Checkpoints:
              selection: Optional[float] = None) -> None:
         """Starts an asynchronous save of `state` at `step`. `selection` (validation accuracy
         at an epoch end) makes it a candidate for the best checkpoint."""
+        # Host arrays: orbax takes a device array in one process for a shard of a global one.
+        state = jax.device_get(state)
         self._last_size = nbytes(state)
         workdir_lib.ensure_writable(self.directory, self._last_size, "save a checkpoint")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -248,6 +262,7 @@ class Checkpoints:
 
     def save_weights(self, weights: Dict[str, Any]) -> None:
         """Writes the weights a completed run keeps (synchronously; replaces earlier ones)."""
+        weights = jax.device_get(weights)  # host arrays, as in save()
         workdir_lib.ensure_writable(self.workdir, nbytes(weights), "save the best weights")
         try:
             with ocp.StandardCheckpointer() as checkpointer:

@@ -14,6 +14,7 @@ import logging as py_logging
 import os
 import signal
 import sys
+import traceback
 from typing import Callable
 
 from absl import app, flags, logging
@@ -58,11 +59,43 @@ def _on_sigterm(signum, frame):
 
 
 def _exit_codes():
-    """(exception types, exit status, whether to print it: a diverged run has logged it)."""
-    from cifar_jax import checkpointing, config_checks, input_pipeline, stopping, workdir
+    """(exception types, exit status, whether to print it: a diverged run has logged it, and
+    a process whose peer failed at start-up leaves the line to that peer)."""
+    from cifar_jax import checkpointing, config_checks, distributed, input_pipeline, stopping, \
+        workdir
     return ((stopping.Preempted, 143, True), (stopping.Diverged, 3, False),
+            (distributed.PeerLost, 4, True), (distributed.PeerFailed, 2, False),
             ((config_checks.ConfigError, input_pipeline.DataError, workdir.WorkdirError,
-              checkpointing.CheckpointError, UsageError, OSError), 2, True))
+              checkpointing.CheckpointError, distributed.GroupError, UsageError, OSError), 2,
+             True))
+
+
+def _in_group() -> bool:
+    """Multi-process mode (asked without starting a JAX backend)."""
+    return "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized()
+
+
+def _exit_with(error: BaseException, code: int, show: bool) -> None:
+    """Prints the error's one line (unless `show` is False) and exits with `code`.
+
+    Multi-process mode: outcomes every process reached together (a pre-emption, a divergence,
+    start-up errors made common by `distributed.agreed`) exit normally, through jax's shutdown,
+    and process 0 alone says a pre-emption; any other error is this process's own, and it
+    exits at once: the others, waiting for it in a collective, then fail at once too, where
+    jax's shutdown would wait minutes for them."""
+    from cifar_jax import distributed, stopping
+
+    together = True
+    if _in_group():
+        together = isinstance(error, (stopping.Preempted, stopping.Diverged,
+                                      distributed.PeerFailed)) or getattr(error, "agreed", False)
+        show = show and (not isinstance(error, stopping.Preempted) or distributed.is_writer())
+    if show:
+        print(str(error) if code == 143 else f"error: {error}", file=sys.stderr)
+    if not together:
+        _exit_at_once(code)
+    _exit_now_if_write_failed(error, code)
+    sys.exit(code)
 
 
 def _config_load_failure(text: str) -> str:
@@ -190,10 +223,10 @@ def run(main: Callable, positional: bool = False) -> None:
         except Exception as e:
             for kinds, code, show in _exit_codes():
                 if isinstance(e, kinds):
-                    if show:
-                        print(str(e) if code == 143 else f"error: {e}", file=sys.stderr)
-                    _exit_now_if_write_failed(e, code)
-                    sys.exit(code)
+                    _exit_with(e, code, show)
+            if _in_group():  # a bug: its traceback, then out at once (see _exit_with)
+                traceback.print_exc()
+                _exit_at_once(1)
             raise
 
     app.run(wrapped, flags_parser=_parse_flags)

@@ -341,6 +341,13 @@ def pack(fn: Callable, pack_size: int, in_axes: Sequence) -> Callable:
     return single
 
 
+def fetch(tree: Any) -> Any:
+    """`tree`'s replicated arrays as numpy, from this process's own copy: with several
+    processes, a global array spans devices another process owns (`jax.device_get` refuses)."""
+    local = lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x  # noqa: E731
+    return jax.device_get(jax.tree.map(local, tree))
+
+
 def stack(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
@@ -350,7 +357,8 @@ def unstack(tree: Any, index: int) -> Any:
 
 
 class Programs:
-    """The compiled programs of one StaticSpec on a data-parallel mesh over the local devices."""
+    """The compiled programs of one StaticSpec on a data-parallel mesh over the devices of
+    every process (of this one, outside multi-process mode)."""
 
     def __init__(self, spec: StaticSpec, traces: collections.Counter):
         self.spec = spec
@@ -507,7 +515,7 @@ def evaluate(programs: Programs, states: TrainState, data: EvalData,
              split: str) -> List[Dict[str, float]]:
     """Loss and accuracy of every trial of the pack on `split`: one dispatch."""
     first, num_batches, _ = data.splits[split]
-    m = jax.device_get(programs.evaluate(states, data.images, data.labels, data.mask,
-                                         first, num_batches))
+    m = fetch(programs.evaluate(states, data.images, data.labels, data.mask, first,
+                                num_batches))
     return [{k: float(v) for k, v in unstack(m, i).compute().items()}
             for i in range(programs.spec.pack_size)]

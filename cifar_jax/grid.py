@@ -6,8 +6,14 @@ processes may work on one grid workdir: each claims a trial by taking its run lo
 is run by exactly one of them (`--shard_index/--num_shards` only choose the order of work).
 Trials of one model that share a static structure train together in packs of up to
 `config.grid.pack_size` (0: the measured best for this device, see PACK_SIZES).
+
+In multi-process mode (distributed.py) the processes of one run are one worker: all train the
+same pack at a time. Process 0 claims it, as above, and sends it to the others (`_follow`),
+and writes the report; a failed trial stops the group instead of being isolated (the others
+would wait for it in their collectives).
 """
 
+import dataclasses
 import errno
 import os
 import time
@@ -17,7 +23,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from cifar_jax import (config_checks, distill, engine as engine_lib, input_pipeline,
+from cifar_jax import (config_checks, distill, distributed, engine as engine_lib, input_pipeline,
                        metric_writing, report, train, trials as trials_lib, workdir as workdir_lib)
 from cifar_jax.augment import AUGMENTATIONS
 from cifar_jax.optim import OPTIMIZERS
@@ -170,6 +176,7 @@ class _Runner:
         names = ", ".join(t.name for t in pack)
         logging.info("Grid: %d done, %d failed; running %s: %s", self.done, len(self.failed),
                      pack[0].model, names)
+        distributed.broadcast_json({"pack": [dataclasses.asdict(t) for t in pack]})
         t0 = time.perf_counter()
         try:
             self._train(pack)
@@ -184,7 +191,7 @@ class _Runner:
         except (train.Preempted, KeyboardInterrupt, workdir_lib.WriteError):
             raise  # the whole grid stops; rerunning (after the fix) resumes these trials
         except Exception as e:  # isolation: record and go on
-            if _write_failure(e):
+            if _write_failure(e) or distributed.multiprocess():
                 raise
             # Retried below, outside this block: the failed pack's device buffers are
             # released with the exception, before the retries allocate theirs.
@@ -320,17 +327,48 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, shard_index: int =
     """
     all_trials = trials_lib.expand(config)
     mine = trials_lib.shard_of(all_trials, shard_index, num_shards)
-    validate(config, mine)
     workdir = os.path.abspath(workdir)
+    dataset = distributed.agreed(lambda: _start(config, workdir, all_trials, mine, dataset))
+    distributed.check_shared(workdir)
+    runner = _Runner(config, workdir, dataset, engine or engine_lib.Engine())
+    if not distributed.is_writer():
+        return _follow(runner)
+    ok = _run_claims(runner, config, workdir, all_trials, mine, shard_index, num_shards)
+    distributed.broadcast_json({"done": ok})
+    return ok
+
+
+def _start(config, workdir: str, all_trials: Sequence[Trial], mine: Sequence[Trial],
+           dataset: Optional[input_pipeline.Dataset]) -> input_pipeline.Dataset:
+    """Every check before a trial runs; grid_config.json; the data set."""
+    validate(config, mine)
     workdir_lib.ensure_writable(workdir)
-    workdir_lib.write_json_atomic(os.path.join(workdir, "grid_config.json"), config.to_dict())
+    if distributed.is_writer():
+        workdir_lib.write_json_atomic(os.path.join(workdir, "grid_config.json"),
+                                      config.to_dict())
     if dataset is None:
         dataset = input_pipeline.load_dataset(config.data)
     _check_each(config, all_trials, lambda c: config_checks.check_run_shape(c, dataset))
-    engine = engine or engine_lib.Engine()
-    runner = _Runner(config, workdir, dataset, engine)
-
     _check_finished(config, workdir, all_trials)
+    return dataset
+
+
+def _follow(runner: _Runner) -> bool:
+    """Multi-process mode, every process but 0: trains the packs process 0 claims, until it
+    says the grid is done (and whether every trial completed)."""
+    while True:
+        message = distributed.broadcast_json()
+        if "done" in message:
+            return message["done"]
+        runner._run([Trial(t["index"], t["model"], tuple(tuple(kv) for kv in t["values"]))
+                     for t in message["pack"]])
+
+
+def _run_claims(runner: _Runner, config, workdir: str, all_trials: Sequence[Trial],
+                mine: Sequence[Trial], shard_index: int, num_shards: int) -> bool:
+    """Claims and runs this process's share, then the rest, then writes the report; True
+    when every trial completed."""
+    engine, dataset = runner.engine, runner.dataset
     finished = {"completed", "diverged"}
     # This shard's trials first, then the others: a process that finishes its share helps
     # with what is left (claims keep any trial from running twice).

@@ -311,7 +311,8 @@ def _best_checkpoint_weights(directory: str, config, kept: Dict[str, Any]) -> Di
                            "trained weights are gone.")
     programs = engine_lib.Engine().programs(engine_lib.static_spec(config, config.batch_size))
     abstract = jax.eval_shape(lambda: programs.init_state(config))
-    ckpts = checkpointing.Checkpoints(directory, config.get("checkpoint_max_to_keep", 2))
+    ckpts = checkpointing.Checkpoints(directory, config.get("checkpoint_max_to_keep", 2),
+                                      this_process_only=True)
     try:
         best = ckpts.restore_best(checkpointing.restore_template(abstract))
     finally:

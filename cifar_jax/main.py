@@ -5,9 +5,13 @@
 
 A config with a `grid` field (configs/grid.py) runs every trial of the grid and writes the
 report; any other config is one training run. Override config fields with --config.FIELD=VALUE.
+One run (or grid) across several processes and hosts: start one process per host (or GPU) with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (under `srun`, no flags: SLURM's
+variables say it); README, "More than one process or host".
+
 Exit status: 0 done, 1 some grid trials did not complete (failed or diverged), 2 invalid
-config/data/workdir or a failed write, 3 diverged,
-143 pre-empted (rerun the same command to resume).
+config/data/workdir or a failed write, 3 diverged, 4 another process of a multi-process run
+was lost, 143 pre-empted (rerun the same command to resume; every process, in multi-process mode).
 """
 
 import os
@@ -15,7 +19,7 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from cifar_jax import cli
+from cifar_jax import cli, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -29,6 +33,13 @@ flags.DEFINE_integer("num_shards", None, "Grid configs: number of shards (defaul
 flags.DEFINE_string("selected_from", None, "Grid configs: run only the configuration that the "
                     "report in this grid workdir selected per model (e.g. the PyTorch twin, or "
                     "more seeds, on the JAX grid's winners).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process mode: HOST:PORT of process 0's "
+                    "coordination service, the same in every process (it listens on that address "
+                    "only; keep the port inside the cluster's network).")
+flags.DEFINE_integer("num_processes", None, "Multi-process mode: the number of processes (one "
+                     "per host or GPU). Default: 1, or SLURM's task count under srun.")
+flags.DEFINE_integer("process_id", None, "Multi-process mode: this process's index, 0 to "
+                     "num_processes - 1 (process 0 writes the run's files).")
 flags.mark_flags_as_required(["config"])  # --workdir too, unless --dry_run
 
 
@@ -68,9 +79,24 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def main(argv):
-    del argv
-    from cifar_jax import grid, trials  # after flag parsing: keeps --help fast
+def join_group(config) -> None:
+    """Multi-process mode, before any other JAX call; nothing for a single process."""
+    group = distributed.group_from(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    if group is None:
+        return
+    if config.framework == "torch":
+        raise cli.UsageError("config.framework='torch' runs in one process; drop the "
+                             "multi-process flags (or leave srun at one task).")
+    if FLAGS.dry_run:
+        return
+    distributed.initialize(group)
+
+
+def checked_config():
+    """FLAGS.config after every check that needs no data: the flags, and each grid trial's
+    config (`grid.validate`)."""
+    from cifar_jax import grid, trials
 
     config = FLAGS.config
     if FLAGS.workdir is None and not FLAGS.dry_run:
@@ -83,21 +109,26 @@ def main(argv):
             raise cli.UsageError("--selected_from needs a grid config (configs/grid.py).")
         config = trials.restrict(config, trials.selected_in(FLAGS.selected_from))
     if "grid" in config:
-        expanded = trials.expand(config)
-        grid.validate(config, expanded)
-        if FLAGS.dry_run:
-            print(trials.describe(expanded))
-            return
-        enable_compilation_cache(config.compilation_cache_dir)
+        grid.validate(config, trials.expand(config))
+    return config
+
+
+def main(argv):
+    del argv
+    from cifar_jax import grid, trials  # after flag parsing: keeps --help fast
+
+    join_group(FLAGS.config)
+    config = distributed.agreed(checked_config)  # in every process; said once if wrong
+    if FLAGS.dry_run:
+        print(trials.describe(trials.expand(config)) if "grid" in config else config)
+        return
+    enable_compilation_cache(config.compilation_cache_dir)
+    if "grid" in config:
         if not grid.run_grid(config, FLAGS.workdir, *_shard_flags()):
             logging.error("Not every trial completed (failed, diverged or left unfinished); "
                           "see %s/results.csv.", FLAGS.workdir)
             raise SystemExit(1)
         return
-    if FLAGS.dry_run:
-        print(config)
-        return
-    enable_compilation_cache(config.compilation_cache_dir)
     grid.run_training(config, FLAGS.workdir)
 
 

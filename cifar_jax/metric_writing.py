@@ -77,6 +77,22 @@ class JsonlWriter:
         pass
 
 
+class NullWriter:
+    """The same methods, writing nothing: the processes of a multi-process run but the first."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        pass
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
 def create_writer(workdir: str):
     """A TensorBoard writer for `workdir`, or the JSON-lines fallback without TensorBoard."""
     try:

@@ -31,6 +31,7 @@ class SignalFlag:
                  "checkpoint"):
         self.stopping = stopping  # what the first signal's log line says happens next
         self.received: Optional[int] = None
+        self.received_by: Optional[str] = None  # set when another process got the signal
         self.finishing = False  # training is done; the results are being written
         self._previous = {}
 

@@ -25,8 +25,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cifar_jax import (checkpointing, config_checks, distill, engine as engine_lib, input_pipeline,
-                       metric_writing, optim, transfer, workdir as workdir_lib)
+from cifar_jax import (checkpointing, config_checks, distill, distributed,
+                       engine as engine_lib, input_pipeline, metric_writing, optim, transfer,
+                       workdir as workdir_lib)
 from cifar_jax.checkpointing import Checkpoints
 from cifar_jax.engine import Metrics, Progress, TrainState
 # The ways a run stops early, re-exported: callers catch train.Preempted / train.Diverged.
@@ -99,7 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     Args:
       config: the run's config (configs/default.py documents every field).
       workdir: where checkpoints, metrics and results go; a run found there is resumed. The
-        run holds the directory's lock while it works (a second process is refused).
+        run holds the directory's lock while it works (a second process is refused; the
+        processes of one multi-process run are one owner, process 0 holds it).
       dataset: an already loaded data set, to share one across several runs.
       engine: compiled programs to reuse across runs (a new one when None).
       stop_requested: called with the step after each chunk of steps; True stops the run like
@@ -109,14 +111,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       Diverged: the loss became non-finite (result.json says so).
       Preempted: stopped by a signal or `stop_requested`, after saving a checkpoint.
     """
-    config_checks.validate_config(config, jax.device_count())
     workdir = os.path.abspath(workdir)
-    workdir_lib.ensure_writable(workdir)
-    with workdir_lib.RunLock(workdir).acquire():
+    lock = distributed.agreed(lambda: _take_workdir(config, workdir))
+    try:
+        distributed.check_shared(workdir)
         (result,) = train_pack([config], [workdir], dataset, engine, stop_requested)
+    finally:
+        if lock is not None:
+            lock.release()
     if result["status"] == "diverged":
         raise Diverged(result["error"])
     return result
+
+
+def _take_workdir(config, workdir: str) -> Optional[workdir_lib.RunLock]:
+    """The config checked, the workdir checked writable (by every process: each writes its
+    share of a checkpoint), and its run lock (process 0's, for the group); WorkdirError if
+    another run holds it."""
+    config_checks.validate_config(config, jax.device_count())
+    workdir_lib.ensure_writable(workdir)
+    return workdir_lib.RunLock(workdir).acquire() if distributed.is_writer() else None
 
 
 def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
@@ -135,14 +149,21 @@ def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
     members = [Member(c, os.path.abspath(w)) for c, w in zip(configs, workdirs)]
     pack = _prepare(members, dataset, engine or engine_lib.Engine())
     if pack is not None:
+        lost = None
         try:
             with SignalFlag() as signals:
                 _train(pack, signals, stop_requested, outlook)
                 signals.finishing = True
                 _finish(pack)
             signals.stop_if_received()
+        except Exception as e:
+            lost = distributed.lost(e, f"at step {pack.step} of {pack.spec.total_steps}")
+            if lost is None:
+                raise
+            raise lost from e
         finally:
-            _close(pack)
+            if lost is None:  # closing would wait for a save the lost process never joins
+                _close(pack)
     return [m.result for m in members]
 
 
@@ -191,19 +212,29 @@ def _check_pack(members: List[Member], dataset, teacher: Optional[distill.Teache
     return specs.pop()
 
 
-def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optional[Pack]:
+def _checked(members: List[Member], dataset, engine: engine_lib.Engine):
+    """Every check before the first checkpoint read: (running members, data set, programs,
+    teacher), or None when every member has finished."""
     for m in members:
         _check_member(m)
     running = [m for m in members if m.status == "running"]
     if not running:
         return None
-    config = running[0].config
-    teacher = distill.load_teacher(config)  # the pack's trials share one (one StaticSpec)
+    teacher = distill.load_teacher(running[0].config)  # the pack's trials share one
     for m in running:
         m.teacher = teacher.record if teacher else None
     if dataset is None:
-        dataset = input_pipeline.load_dataset(config.data)
-    programs = engine.programs(_check_pack(running, dataset, teacher))
+        dataset = input_pipeline.load_dataset(running[0].config.data)
+    return running, dataset, engine.programs(_check_pack(running, dataset, teacher)), teacher
+
+
+def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optional[Pack]:
+    # Agreed: a process that fails a check (say, its host lacks the data) stops all of them.
+    checked = distributed.agreed(lambda: _checked(members, dataset, engine))
+    if checked is None:
+        return None
+    running, dataset, programs, teacher = checked
+    config = running[0].config
     if programs.spec.eval_batch_size != config.eval_batch_size:
         logging.info("config.eval_batch_size=%d is larger than the largest evaluation split "
                      "(%d images): evaluating in batches of %d instead (evaluation pads and "
@@ -217,14 +248,9 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
         for m in running:
             m.ckpts = Checkpoints(m.workdir, m.config.checkpoint_max_to_keep)
         states, epoch_metrics, step = _restore_or_init(running, programs, abstract, pretrained)
-        # Every check has passed: from here on the workdirs are written.
+        # Every check has passed: from here on the workdirs are written (by process 0).
         for m in running:
-            workdir_lib.store_config(m.config, m.workdir)
-            workdir_lib.truncate_jsonl(m.metrics_path, max_step=step)
-            m.writer = metric_writing.create_writer(m.workdir)
-            if step == 0:
-                m.writer.write_hparams({k: v for k, v in config_checks.flatten(m.config).items()
-                                        if isinstance(v, (int, float, str, bool))})
+            _start_writing(m, step)
         progress = engine_lib.stack([Progress.empty()] * len(running)).replace(epoch=epoch_metrics)
         splits = {"val": dataset.val, "test": dataset.test} if dataset.val else {
             "test": dataset.test}
@@ -242,6 +268,19 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
         raise
     _log_start(pack)
     return pack
+
+
+def _start_writing(member: Member, step: int) -> None:
+    """The stored config, metrics.jsonl cut back to `step`, and the TensorBoard writer."""
+    if not distributed.is_writer():
+        member.writer = metric_writing.NullWriter()
+        return
+    workdir_lib.store_config(member.config, member.workdir)
+    workdir_lib.truncate_jsonl(member.metrics_path, max_step=step)
+    member.writer = metric_writing.create_writer(member.workdir)
+    if step == 0:
+        member.writer.write_hparams({k: v for k, v in config_checks.flatten(
+            member.config).items() if isinstance(v, (int, float, str, bool))})
 
 
 def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstract,
@@ -323,8 +362,7 @@ def _train(pack: Pack, signals: "SignalFlag", stop_requested: Optional[Callable[
     spec, programs = pack.spec, pack.programs
     eta = metric_writing.Eta(spec.total_steps, pack.step, outlook)
     every = pack.members[0].config.log_every_steps
-    stop = lambda: signals.received is not None or bool(  # noqa: E731
-        stop_requested and stop_requested(pack.step))
+    stop = lambda: _agreed_stop(signals, stop_requested, pack.step)  # noqa: E731
     start = pack.step
     for epoch in range(pack.step // spec.steps_per_epoch, spec.num_epochs):
         perms = programs.permutations(pack.states, epoch)
@@ -348,6 +386,16 @@ def _train(pack: Pack, signals: "SignalFlag", stop_requested: Optional[Callable[
             _preempt(pack, signals, epoch + 1)
 
 
+def _agreed_stop(signals: SignalFlag, stop_requested, step: int) -> bool:
+    """Whether to stop now, for a signal or the caller's request; the processes of a
+    multi-process run answer alike (a signal that reached one stops them all, at one step)."""
+    mine = signals.received or (-1 if stop_requested and stop_requested(step) else 0)
+    agreed = distributed.first_nonzero(mine)
+    if agreed > 0 and signals.received is None:
+        signals.received, signals.received_by = agreed, "another process"
+    return agreed != 0
+
+
 def chunk_steps(step: int, start: int, end: int, every: int) -> int:
     """Steps in the next chunk: up to the next multiple of `every` (or `end`, the epoch's last
     step), except that the first chunks after `start` ramp up, 1, 2, 4, 8, ... steps: the first
@@ -364,7 +412,7 @@ def _learning_rate(member: Member, spec, step: int) -> float:
 
 def _after_chunk(pack: Pack, epoch: int, eta: "metric_writing.Eta") -> None:
     """The chunk's one host sync: divergence, TensorBoard scalars, one progress line."""
-    chunk, first_bad, bad_loss = jax.device_get(
+    chunk, first_bad, bad_loss = engine_lib.fetch(
         (pack.progress.chunk, pack.progress.first_bad_step, pack.progress.bad_loss))
     losses, accs = [], []
     for m in list(pack.running):
@@ -416,7 +464,7 @@ def _end_epoch(pack: Pack, epoch: int, seconds: float, steps: int, eta) -> None:
     _add_train_time(pack, seconds)
     val = (engine_lib.evaluate(pack.programs, pack.states, pack.eval_data, "val")
            if "val" in pack.eval_data.splits else None)
-    states, epoch_metrics = jax.device_get((pack.states, pack.progress.epoch))
+    states, epoch_metrics = engine_lib.fetch((pack.states, pack.progress.epoch))
     pack.progress = pack.progress.replace(
         epoch=pack.programs.to_device(engine_lib.stack([Metrics.empty()] * len(pack.members))))
     for m in pack.running:
@@ -434,7 +482,8 @@ def _end_epoch(pack: Pack, epoch: int, seconds: float, steps: int, eta) -> None:
         if selection > m.best_val:
             m.best_val, m.best_epoch = selection, epoch + 1
         # metrics.jsonl first: a resume from an older checkpoint drops this record again.
-        workdir_lib.append_jsonl(m.metrics_path, record)
+        if distributed.is_writer():
+            workdir_lib.append_jsonl(m.metrics_path, record)
         m.ckpts.save(pack.step, checkpointing.checkpoint_tree(engine_lib.unstack(states, i),
                                                               Metrics.empty()),
                      _meta(pack, m, epoch + 1, "epoch_end"), selection=selection)
@@ -456,7 +505,7 @@ def _log_epoch(member: Member, record: Dict[str, Any], pack: Pack, eta) -> None:
 def _preempt(pack: Pack, signals: SignalFlag, epoch: int) -> None:
     """Saves every running trial at the current step, waits for the saves, raises Preempted."""
     if pack.step % pack.spec.steps_per_epoch:  # mid-epoch: the epoch-end save did not cover it
-        states, epoch_metrics = jax.device_get((pack.states, pack.progress.epoch))
+        states, epoch_metrics = engine_lib.fetch((pack.states, pack.progress.epoch))
         for m in pack.running:
             i = pack.index(m)
             m.ckpts.save(pack.step, checkpointing.checkpoint_tree(engine_lib.unstack(states, i),
@@ -467,6 +516,8 @@ def _preempt(pack: Pack, signals: SignalFlag, epoch: int) -> None:
         m.status = "preempted"
         _write_result(m, "preempted")
     why = signal.Signals(signals.received).name if signals.received is not None else "request"
+    if signals.received_by:
+        why += f" (sent to {signals.received_by})"
     where = pack.members[0].workdir if len(pack.members) == 1 else \
         f"the {len(pack.members)} trial directories"
     raise Preempted(f"Stopped by {why} at step {pack.step} (epoch {epoch + 1}); checkpoint "
@@ -485,7 +536,8 @@ def _write_result(member: Member, status: str, **fields) -> Dict[str, Any]:
             "train_time_s": member.train_time,
             "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
             **({"teacher": member.teacher} if member.teacher else {}), **fields})
-    workdir_lib.write_result(member.workdir, record)
+    if distributed.is_writer():
+        workdir_lib.write_result(member.workdir, record)
     member.result = record
     return record
 
@@ -549,7 +601,7 @@ def _keep_best_weights(pack: Pack) -> Dict[str, Dict[str, Any]]:
 
 def _test_best(pack: Pack, best: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     """Test loss and accuracy of the weights each trial keeps (its best epoch's)."""
-    states = jax.device_get(pack.states)
+    states = engine_lib.fetch(pack.states)
     members = []
     for m in pack.running:
         i = pack.index(m)
