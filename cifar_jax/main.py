@@ -125,8 +125,9 @@ def main(argv):
     enable_compilation_cache(config.compilation_cache_dir)
     if "grid" in config:
         if not grid.run_grid(config, FLAGS.workdir, *_shard_flags()):
-            logging.error("Not every trial completed (failed, diverged or left unfinished); "
-                          "see %s/results.csv.", FLAGS.workdir)
+            if distributed.is_writer():
+                logging.error("Not every trial completed (failed, diverged or left "
+                              "unfinished); see %s/results.csv.", FLAGS.workdir)
             raise SystemExit(1)
         return
     grid.run_training(config, FLAGS.workdir)

@@ -245,9 +245,8 @@ def _prepare(members: List[Member], dataset, engine: engine_lib.Engine) -> Optio
     pretrained = functools.partial(transfer.pretrained_variables, config,
                                    {"params": abstract.params, "batch_stats": abstract.batch_stats})
     try:
-        for m in running:
-            m.ckpts = Checkpoints(m.workdir, m.config.checkpoint_max_to_keep)
-        states, epoch_metrics, step = _restore_or_init(running, programs, abstract, pretrained)
+        states, epoch_metrics, step = distributed.agreed(  # a damaged checkpoint: said once
+            lambda: _restore_or_init(running, programs, abstract, pretrained))
         # Every check has passed: from here on the workdirs are written (by process 0).
         for m in running:
             _start_writing(m, step)
@@ -285,13 +284,16 @@ def _start_writing(member: Member, step: int) -> None:
 
 def _restore_or_init(members: List[Member], programs: engine_lib.Programs, abstract,
                      pretrained: Optional[Callable[[], Optional[Dict[str, Any]]]] = None):
-    """Each member's state, from its latest checkpoint or fresh (from the weights `pretrained()`
-    returns, if any: transfer learning); all at one common step.
+    """Each member's checkpoints opened, and its state, from its latest checkpoint or fresh
+    (from the weights `pretrained()` returns, if any: transfer learning); all at one common
+    step.
 
     Members of a pack saved together, so they normally share their latest step; after a
     damaged checkpoint one may fall back further, and the others then go back to that step
     too (their metrics after it are dropped and retrained, to the same values).
     """
+    for m in members:
+        m.ckpts = Checkpoints(m.workdir, m.config.checkpoint_max_to_keep)
     template = checkpointing.restore_template(abstract)
     restored = [m.ckpts.restore_latest(template) for m in members]
     steps = {r[0] if r else 0 for r in restored}
