@@ -94,8 +94,21 @@ def _exit_with(error: BaseException, code: int, show: bool) -> None:
         print(str(error) if code == 143 else f"error: {error}", file=sys.stderr)
     if not together:
         _exit_at_once(code)
-    _exit_now_if_write_failed(error, code)
+    if not _in_group():  # a group leaves together, through jax's shutdown
+        _exit_now_if_write_failed(error, code)
     sys.exit(code)
+
+
+def _exit_in_group(error: BaseException) -> None:
+    """An unexpected error in multi-process mode: a lost process's collective said in one
+    line (exit 4), anything else (a bug) with its traceback; out at once (see _exit_with)."""
+    from cifar_jax import distributed
+
+    lost = distributed.lost(error, "")
+    if lost is not None:
+        _exit_with(lost, 4, True)
+    traceback.print_exc()
+    _exit_at_once(1)
 
 
 def _config_load_failure(text: str) -> str:
@@ -224,9 +237,8 @@ def run(main: Callable, positional: bool = False) -> None:
             for kinds, code, show in _exit_codes():
                 if isinstance(e, kinds):
                     _exit_with(e, code, show)
-            if _in_group():  # a bug: its traceback, then out at once (see _exit_with)
-                traceback.print_exc()
-                _exit_at_once(1)
+            if _in_group():
+                _exit_in_group(e)
             raise
 
     app.run(wrapped, flags_parser=_parse_flags)

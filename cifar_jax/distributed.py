@@ -19,11 +19,14 @@ reachable only inside the cluster's network.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
+import time
 from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
@@ -58,6 +61,7 @@ class Group:
     coordinator_address: str  # HOST:PORT of process 0's coordination service
     num_processes: int
     process_id: int
+    source: str = "flags"  # or "srun": SLURM's variables
 
 
 def group_from(coordinator_address: Optional[str], num_processes: Optional[int],
@@ -92,48 +96,78 @@ def _slurm_group() -> Optional[Group]:
     from jax._src.clusters import SlurmCluster  # the address rule jax itself applies
 
     address = SlurmCluster.get_coordinator_address(None, env.get("JAX_COORDINATOR_PORT"))
-    return Group(address, int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]))
+    return Group(address, int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]), "srun")
 
 
 def initialize(group: Group) -> None:
     """Joins the group; before any other JAX call. Every process waits for all to join, at
     most INITIALIZATION_TIMEOUT_S, then stops with one line (jax alone would abort later and
-    say only that a deadline passed)."""
+    say only that a deadline passed). The wait runs in a thread, so that Ctrl-C and SIGTERM
+    still stop a process whose partners never come."""
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives
     # jax's pre-emption notifier would take SIGTERM from the loop's handler; the processes agree
     # on stopping themselves (`first_nonzero`).
     jax.config.update("jax_enable_preemption_service", False)
-    watchdog = threading.Timer(INITIALIZATION_TIMEOUT_S - 2, _not_joined, (group,))
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        jax.distributed.initialize(
-            group.coordinator_address, group.num_processes, group.process_id,
-            initialization_timeout=INITIALIZATION_TIMEOUT_S,
-            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
-            shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
-            # Not every interface: the service has no authentication.
-            coordinator_bind_address=group.coordinator_address)
-    except Exception as e:  # noqa: BLE001 - jax raises several types for a failed start
+    if group.process_id == 0:
+        _check_bindable(group)
+    outcome: list = []
+
+    def join() -> None:
+        try:
+            jax.distributed.initialize(
+                group.coordinator_address, group.num_processes, group.process_id,
+                initialization_timeout=INITIALIZATION_TIMEOUT_S,
+                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+                shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+                # Not every interface: the service has no authentication.
+                coordinator_bind_address=group.coordinator_address)
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - jax raises several types for a failed start
+            outcome.append(e)
+
+    joiner = threading.Thread(target=join, daemon=True)
+    joiner.start()
+    deadline = time.monotonic() + INITIALIZATION_TIMEOUT_S - 2
+    while joiner.is_alive() and time.monotonic() < deadline:
+        joiner.join(0.2)  # short waits: a signal another thread received is handled here
+    if not outcome:
+        _not_joined(group)
+    if outcome[0] is not None:
         raise GroupError(f"process {group.process_id} of {group.num_processes} could not join "
-                         f"the group at {group.coordinator_address}: {_first_line(e)}") from e
-    finally:
-        watchdog.cancel()
+                         f"the group at {group.coordinator_address}: "
+                         f"{_first_line(outcome[0])}") from outcome[0]
     if group.process_id != 0:
-        logging.set_verbosity(logging.WARNING)  # process 0 reports progress for the group
+        logging.set_verbosity(logging.ERROR)  # process 0 reports progress for the group
     logging.info("Process %d of %d joined the group at %s (%d devices in all, %d here).",
                  group.process_id, group.num_processes, group.coordinator_address,
                  jax.device_count(), jax.local_device_count())
 
 
+def _check_bindable(group: Group) -> None:
+    """Refuses a coordinator address process 0 cannot serve on: taken (gRPC would share the
+    port with another run's service and break both), or not this host's."""
+    host, _, port = group.coordinator_address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, int(port)))
+    except OSError as e:
+        raise GroupError(f"process 0 cannot serve the group at {group.coordinator_address} "
+                         f"({e.strerror or e}): give this host's address and a free port (the "
+                         "port may be held by another run; each group needs its own).") from e
+
+
 def _not_joined(group: Group) -> None:
+    how = ("every task of the srun step" if group.source == "srun" else
+           f"all {group.num_processes} with the same --coordinator_address and "
+           "--num_processes and each with its own --process_id")
     print(f"error: process {group.process_id} of {group.num_processes}: not every process "
-          f"joined {group.coordinator_address} within {INITIALIZATION_TIMEOUT_S} s. Start all "
-          f"{group.num_processes} with the same --coordinator_address and --num_processes and "
-          "each with its own --process_id, and check that the address is reachable from every "
-          "host.", file=sys.stderr, flush=True)
+          f"joined {group.coordinator_address} within {INITIALIZATION_TIMEOUT_S} s. Start "
+          f"{how}, and check that the address is reachable from every host.",
+          file=sys.stderr, flush=True)
     os._exit(2)
 
 
@@ -212,11 +246,12 @@ def broadcast_json(value: Any = None, source: int = 0) -> Any:
     return json.loads(bytes(_from(buffer, mine)[:size]).decode())
 
 
-def agreed(fn: Callable[[], T]) -> T:
+def agreed(fn: Callable[[], T], undo: Optional[Callable[[T], None]] = None) -> T:
     """`fn()` in every process, its errors made common: when any process fails, all stop
     together, the first failing process with its own error (which it prints) and the others
     with `PeerFailed` (which they do not), so that no process waits for the others in a
-    collective they never reach."""
+    collective they never reach. `undo(value)` releases what `fn` took where it succeeded
+    but another process failed."""
     if not multiprocess():
         return fn()
     import jax
@@ -228,6 +263,8 @@ def agreed(fn: Callable[[], T]) -> T:
     failed = _gather(np.asarray(error is not None))
     if not failed.any():
         return value
+    if error is None and undo is not None:
+        undo(value)
     first = int(np.argmax(failed))
     message = broadcast_json(_first_line(error) if error is not None else None, source=first)
     if jax.process_index() == first:
@@ -236,23 +273,46 @@ def agreed(fn: Callable[[], T]) -> T:
     raise PeerFailed(f"process {first} stopped: {message}")
 
 
+def require_same(what: str, text: str) -> None:
+    """Raises GroupError in every process unless `text` (say, the config and flags) is the
+    same in all of them: processes that train different things would wait for each other in
+    collectives that never match."""
+    if not multiprocess():
+        return
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.uint8)
+    digests = _gather(digest)
+    differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+    if differ:
+        raise GroupError(f"processes {', '.join(map(str, differ))} were started with other "
+                         f"{what} than process 0: start every process with the same command "
+                         "line except --process_id.")
+
+
+# What a collective's failure says when its partner is gone: gloo's errors (CPU), NCCL's, and
+# the coordination service's.
+_LOST_SIGNS = ("Gloo", "NCCL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection", "coordination")
+
+
 def lost(error: BaseException, where: str, in_collective: bool = False
          ) -> Optional[PeerLost]:
-    """A failed collective in multi-process mode (`in_collective`: any error of one; else a
-    runtime error of XLA, or gloo's own), as the one line that says what happened and how to
-    go on; None for any other error."""
+    """A collective that failed because another process is gone, in multi-process mode, as
+    the one line that says what happened and how to go on; None for any other error (an
+    out-of-memory error, a damaged file, ...). `in_collective`: `error` came from one of this
+    module's own collectives, which fail for no other reason."""
     import jax
 
     if isinstance(error, PeerLost):  # said again with the caller's `where`
         error, in_collective = error.__cause__ or error, True
-    collective = in_collective or isinstance(error, jax.errors.JaxRuntimeError) or (
-        "Gloo" in str(error))
-    if not (collective and multiprocess()):
+    runtime = isinstance(error, jax.errors.JaxRuntimeError) or type(error) in (
+        ValueError, RuntimeError)  # multihost_utils re-raises gloo's errors as ValueError
+    gone = in_collective or (runtime and any(sign in str(error) for sign in _LOST_SIGNS))
+    if not (gone and multiprocess()):
         return None
-    return PeerLost(f"{describe()} lost contact with the others {where} ({_first_line(error)}): "
-                    "another process died, was killed, or its host became unreachable. The "
-                    "last checkpoint is intact: start every process again with the same "
-                    "command to resume.")
+    where = f" {where}" if where else ""
+    return PeerLost(f"{describe()} lost contact with the others{where} ({_first_line(error)}): "
+                    "another process died, was killed, or its host became unreachable. "
+                    "Checkpoints already saved are intact: start every process again with the "
+                    "same command to resume.")
 
 
 # ----------------------------------------------------------------------------------------------

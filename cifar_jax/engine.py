@@ -453,7 +453,13 @@ class Programs:
         return _set_hyperparameters(state, config)
 
     def to_device(self, tree):
-        return jax.device_put(tree, self.replicated)
+        """`tree` (host arrays) replicated on the mesh. Several processes each put their own
+        copy, the same by construction: `jax.device_put` would first compare the copies
+        across processes, slowly (the whole data set) and wrongly for NaN (NaN != NaN)."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+        return jax.tree.map(lambda x: jax.make_array_from_callback(
+            np.shape(x), self.replicated, lambda index: np.asarray(x)[index]), tree)
 
 
 class Engine:

@@ -113,12 +113,20 @@ def checked_config():
     return config
 
 
+def _command(config) -> str:
+    """What every process of a group must be given alike."""
+    return "\n".join([config.to_json_best_effort(sort_keys=True), str(FLAGS.workdir),
+                      str(FLAGS.selected_from), str(_shard_flags()), str(FLAGS.num_processes),
+                      str(FLAGS.coordinator_address)])
+
+
 def main(argv):
     del argv
     from cifar_jax import grid, trials  # after flag parsing: keeps --help fast
 
     join_group(FLAGS.config)
     config = distributed.agreed(checked_config)  # in every process; said once if wrong
+    distributed.agreed(lambda: distributed.require_same("configs or flags", _command(config)))
     if FLAGS.dry_run:
         print(trials.describe(trials.expand(config)) if "grid" in config else config)
         return

@@ -56,8 +56,25 @@ class TensorBoardWriter:
         self._writer.close()
 
 
-class JsonlWriter:
-    """The same methods, appending scalars to scalars.jsonl (no TensorBoard installed)."""
+class NullWriter:
+    """The writer's methods, writing nothing: the processes of a multi-process run but the
+    first."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        pass
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class JsonlWriter(NullWriter):
+    """Scalars appended to scalars.jsonl (no TensorBoard installed)."""
 
     def __init__(self, workdir: str):
         self._path = os.path.join(workdir, "scalars.jsonl")
@@ -66,31 +83,6 @@ class JsonlWriter:
         with open(self._path, "a") as f:
             f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
                     + "\n")
-
-    def write_hparams(self, hparams: Mapping[str, Any]):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-class NullWriter:
-    """The same methods, writing nothing: the processes of a multi-process run but the first."""
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        pass
-
-    def write_hparams(self, hparams: Mapping[str, Any]):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def create_writer(workdir: str):

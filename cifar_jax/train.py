@@ -112,7 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       Preempted: stopped by a signal or `stop_requested`, after saving a checkpoint.
     """
     workdir = os.path.abspath(workdir)
-    lock = distributed.agreed(lambda: _take_workdir(config, workdir))
+    lock = distributed.agreed(lambda: _take_workdir(config, workdir),
+                              undo=lambda held: held and held.release())
     try:
         distributed.check_shared(workdir)
         (result,) = train_pack([config], [workdir], dataset, engine, stop_requested)
@@ -147,7 +148,10 @@ def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
     progress line (the grid's projected time left).
     """
     members = [Member(c, os.path.abspath(w)) for c, w in zip(configs, workdirs)]
-    pack = _prepare(members, dataset, engine or engine_lib.Engine())
+    try:
+        pack = _prepare(members, dataset, engine or engine_lib.Engine())
+    except Exception as e:
+        raise distributed.lost(e, "while the run started") or e
     if pack is not None:
         lost = None
         try:
@@ -155,6 +159,7 @@ def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
                 _train(pack, signals, stop_requested, outlook)
                 signals.finishing = True
                 _finish(pack)
+            _agreed_stop(signals, None, pack.step)  # a signal that came while finishing
             signals.stop_if_received()
         except Exception as e:
             lost = distributed.lost(e, f"at step {pack.step} of {pack.spec.total_steps}")

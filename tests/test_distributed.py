@@ -54,13 +54,15 @@ def _command(workdir, config="configs/default.py", extra=()):
             str(workdir), *OVERRIDES, *extra]
 
 
-def _start(workdir, processes=2, config="configs/default.py", extra=(), devices=1):
-    """Starts the processes of one run; process 0's stderr is a pipe, the others' a file."""
+def _start(workdir, processes=2, config="configs/default.py", extra=(), devices=1, only=None):
+    """Starts the processes of one run (`only`: {process: its own extra flags}); process 0's
+    stderr is a pipe, the others' a file."""
     group = ([] if processes == 1 else
              [f"--coordinator_address=127.0.0.1:{_port()}", f"--num_processes={processes}"])
     procs = []
     for i in range(processes):
         ident = [f"--process_id={i}"] if processes > 1 else []
+        ident += (only or {}).get(i, [])
         err = subprocess.PIPE if i == 0 else open(f"{workdir}.stderr{i}", "w")
         procs.append(subprocess.Popen(_command(workdir, config, [*group, *ident, *extra]),
                                       cwd=ROOT, stderr=err, text=True, env=_env(devices)))
@@ -203,11 +205,16 @@ def test_grid_of_two_trials_in_two_processes_trains_each_once_with_one_report(re
     assert len(rows) == 3 and sum("completed" in r for r in rows) == 2
 
 
-def test_a_config_error_is_said_once_and_stops_every_process(tmp_path):
-    codes, (err0, err1) = _finish(_start(tmp_path / "bad", extra=["--config.batch_size=33"]),
-                                  timeout=120)
+@pytest.mark.parametrize("extra,only,says", [
+    (["--config.batch_size=33"], None, "batch_size"),  # wrong in every process
+    ([], {1: ["--config.seed=1"]}, "processes 1 were started with other configs or flags"),
+    # (so a config wrong in one process only is refused as different, also said once)
+])
+def test_a_start_up_error_is_said_once_and_stops_every_process(tmp_path, extra, only, says):
+    codes, (err0, err1) = _finish(_start(tmp_path / "bad", extra=extra, only=only), timeout=120)
     assert codes == [2, 2]
-    assert (err0 + err1).count("error: ") == 1 and "batch_size" in err0
+    assert (err0 + err1).count("error: ") == 1 and says in err0 + err1
+    assert "Traceback" not in err0 + err1
 
 
 def test_a_process_that_never_joins_stops_the_other_within_the_stated_time(tmp_path):
