@@ -187,7 +187,7 @@ class _Runner:
 
     def _train(self, pack: List[Trial]) -> None:
         try:
-            results, error, oom = self._run(pack), None, False
+            results, error, oom = self.run_trials(pack), None, False
         except (train.Preempted, KeyboardInterrupt, workdir_lib.WriteError):
             raise  # the whole grid stops; rerunning (after the fix) resumes these trials
         except Exception as e:  # isolation: record and go on
@@ -220,7 +220,8 @@ class _Runner:
         for part in parts:
             self._train(part)
 
-    def _run(self, pack: List[Trial]) -> List[Dict[str, Any]]:
+    def run_trials(self, pack: List[Trial]) -> List[Dict[str, Any]]:
+        """Trains `pack` together (the caller holds the trials' locks, or process 0 does)."""
         configs = [trials_lib.trial_config(self.config, t) for t in pack]
         if configs[0].framework == "torch":
             from cifar_jax.torch_twin import train as torch_train  # optional extra
@@ -360,8 +361,8 @@ def _follow(runner: _Runner) -> bool:
         message = distributed.broadcast_json()
         if "done" in message:
             return message["done"]
-        runner._run([Trial(t["index"], t["model"], tuple(tuple(kv) for kv in t["values"]))
-                     for t in message["pack"]])
+        runner.run_trials([Trial(t["index"], t["model"], tuple(map(tuple, t["values"])))
+                           for t in message["pack"]])
 
 
 def _run_claims(runner: _Runner, config, workdir: str, all_trials: Sequence[Trial],
