@@ -158,8 +158,12 @@ def test_killed_process_stops_the_other_and_both_resume_to_the_same_result(refer
     # The same command resumes from epoch 1's checkpoint; meanwhile the group holds the lock.
     procs = _start(workdir)
     head = _wait_for(procs[0], "Resumed")
-    intruder = subprocess.run(_command(workdir), cwd=ROOT, capture_output=True, text=True,
-                              env=_env(), timeout=120)
+    procs[1].send_signal(signal.SIGSTOP)  # holds the group (for less than a heartbeat timeout)
+    try:
+        intruder = subprocess.run(_command(workdir), cwd=ROOT, capture_output=True, text=True,
+                                  env=_env(), timeout=120)
+    finally:
+        procs[1].send_signal(signal.SIGCONT)
     codes, (err0, err1) = _finish(procs)
     assert codes == [0, 0], err0[-3000:]
     assert intruder.returncode == 2 and "is in use by process" in intruder.stderr
