@@ -148,10 +148,7 @@ def train_pack(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[
     progress line (the grid's projected time left).
     """
     members = [Member(c, os.path.abspath(w)) for c, w in zip(configs, workdirs)]
-    try:
-        pack = _prepare(members, dataset, engine or engine_lib.Engine())
-    except Exception as e:
-        raise distributed.lost(e, "while the run started") or e
+    pack = _prepare(members, dataset, engine or engine_lib.Engine())
     if pack is not None:
         lost = None
         try:

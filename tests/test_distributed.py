@@ -104,7 +104,7 @@ def _metrics(workdir):
     return records
 
 
-def _final(workdir, step=16):
+def _final(workdir, step):
     """result.json without timings, and the final checkpoint's (`step`) arrays."""
     import orbax.checkpoint as ocp
 
@@ -117,13 +117,15 @@ def _final(workdir, step=16):
     return result, tree["train_state"]["params"]
 
 
-def _assert_same_run(workdir, reference):
+def _assert_same_run(workdir, reference, steps=(8, 16)):
+    """Epoch-end `steps`, their metrics, the test accuracy and the final weights agree."""
     ours, theirs = _metrics(workdir), _metrics(reference)
-    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [8, 16]
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(steps)
     for a, b in zip(ours, theirs):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
-    (result, params), (expected, expected_params) = _final(workdir), _final(reference)
+    (result, params), (expected, expected_params) = (_final(w, steps[-1])
+                                                     for w in (workdir, reference))
     assert result["status"] == "completed"
     np.testing.assert_allclose(result["test_accuracy"], expected["test_accuracy"], atol=1e-6)
     import jax
@@ -200,23 +202,9 @@ def test_alexnet_in_two_processes_equals_one_process_with_two_devices(tmp_path):
              "--config.data.synthetic_train_size=96", "--config.data.val_size=32",
              "--config.data.synthetic_test_size=32", "--config.keep_full_checkpoints=true",
              CACHE_FLAG]
-    runs = {}
-    for name, processes, devices in (("one", 1, 2), ("two", 2, 1)):
-        procs = _start(tmp_path / name, processes, "configs/smoke.py", small, devices)
-        codes, texts = _finish(procs)
-        assert codes == [0] * processes, texts[0][-2500:]
-        runs[name] = tmp_path / name
-    ours, theirs = _metrics(runs["two"]), _metrics(runs["one"])
-    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [2, 4]
-    for a, b in zip(ours, theirs):
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
-    (result, params), (expected, expected_params) = (_final(runs[k], 4) for k in ("two", "one"))
-    assert result["test_accuracy"] == pytest.approx(expected["test_accuracy"], abs=1e-6)
-    import jax
-
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected_params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _run(tmp_path / "one", processes=1, config="configs/smoke.py", extra=small, devices=2)
+    _run(tmp_path / "two", processes=2, config="configs/smoke.py", extra=small)
+    _assert_same_run(tmp_path / "two", tmp_path / "one", steps=(2, 4))
 
 
 def test_grid_of_two_trials_in_two_processes_trains_each_once_with_one_report(reference,
