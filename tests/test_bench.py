@@ -25,15 +25,19 @@ def test_mac_count_matches_hand_count_for_alexnet():
 
 def test_bench_smoke_output_format(tmp_path):
     """The table and JSON; evaluation is timed on full batches of real images and counts them,
-    even when the timed training images (8 x 2) are fewer than one evaluation batch (32)."""
-    out = tmp_path / "bench.json"
+    even when the timed training images (8 x 2) are fewer than one evaluation batch (32).
+    Nothing is written but --out (the working directory stays empty)."""
+    out, cwd = tmp_path / "bench.json", tmp_path / "cwd"
+    cwd.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_jax.bench", "--models", "tiny", "--frameworks",
          "jax,torch", "--batch_size", "8", "--eval_batch_size", "32", "--chunk_steps", "2",
          "--windows", "2", "--jax_variants", "steps", "--pack_sizes", "2",
          "--torch_variants", "eager", "--precision", "highest", "--efficiency",
-         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--out", str(out)], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(cwd) == []
     assert "| tiny | 5,466 | 1.6M | jax | steps | 2 | highest |" in proc.stdout
     assert "| torch | eager | 1 |" in proc.stdout
     data = json.loads(out.read_text())
@@ -57,17 +61,6 @@ def test_bench_smoke_output_format(tmp_path):
     (eff,) = data["efficiency"]
     assert 0.01 < eff["checkpoint_mb"] < 0.1  # 5,466 float32 parameters and BN statistics
     assert eff["latency_batch1_ms"] > 0 and eff["throughput_batch1024"] > 0
-
-
-def test_bench_writes_nothing_unless_asked(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "cifar_jax.bench", "--models", "tiny", "--frameworks",
-         "torch", "--batch_size", "4", "--eval_batch_size", "4", "--chunk_steps", "1",
-         "--windows", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONPATH=ROOT))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| torch | eager |" in proc.stdout
-    assert os.listdir(tmp_path) == []
 
 
 def test_bad_flags_and_an_unwritable_out_are_refused_before_any_timing(tmp_path):

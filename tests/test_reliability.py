@@ -84,9 +84,10 @@ def reference_run(tmp_path_factory):
 @pytest.mark.parametrize("sig,times", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
 def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig, times):
     """SIGTERM, or Ctrl-C twice (the second while the run stops and saves): one checkpoint
-    at the current step, one line per signal, no traceback, an exact resume. (The resumed
-    metrics equal the reference run's exactly: the same seed gives the same run in another
-    process, too.)"""
+    at the current step, one line per signal, no traceback; after SIGTERM, an exact resume
+    (the resumed metrics equal the reference run's exactly: the same seed gives the same run
+    in another process, too). The two signals stop the run by the same path, so one resume
+    covers both."""
     workdir = tmp_path / "dir with spaces"
     proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stderr=subprocess.PIPE, text=True, env=_env())
     lines = []
@@ -109,7 +110,8 @@ def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig,
     step = ckpts.latest_step()
     ckpts.close()
     assert 0 < step < 15, f"expected a mid-epoch checkpoint, got step {step}"
-
+    if sig != signal.SIGTERM:
+        return
     resumed = _run_cli(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed {workdir} from checkpoint {step} " in resumed.stderr
@@ -299,76 +301,87 @@ def test_checkpoint_retention_keeps_latest_and_best(tiny_config, tmp_path, monke
 
 
 # ----------------------------------------------------------------------------------------------
-# Several devices (subprocesses with 4 CPU devices).
+# Several devices (a subprocess with 4 CPU devices).
 
-_MULTI = r"""
+def _bn_and_runs(runs):
+    """On this process's devices: BatchNorm's loss, statistics and gradients under the
+    data-parallel mesh (those of the global batch), then the tiny runs (workdir, stop step or
+    0), which share their compiled programs."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from cifar_jax.models.layers import BatchNorm
+    from configs import default
+
+    class ConvBN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(2):
+                x = nn.relu(BatchNorm()(nn.Conv(8, (3, 3))(x)))
+            return jnp.mean(x ** 2)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (32, 8, 8, 3)) * jnp.arange(32)[:, None, None,
+                                                                               None] / 8
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    v = ConvBN().init(jax.random.PRNGKey(1), x)
+
+    def loss(p):
+        xs = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+        return ConvBN().apply({**v, "params": p}, xs, mutable=["batch_stats"])
+
+    (l, upd), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+    bn = {"loss": float(l), "stats": [np.asarray(a).tolist() for a in jax.tree.leaves(upd)],
+          "grads": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(g)]}
+
+    c = default.get_config()
+    c.model, c.num_epochs, c.batch_size, c.eval_batch_size = "tiny", 2, 32, 20
+    c.log_every_steps, c.data.source, c.data.synthetic_train_size = 1, "synthetic", 180
+    c.data.val_size = c.data.synthetic_test_size = 20
+    shared = engine.Engine()
+    for workdir, stop in runs:
+        try:
+            train.train_and_evaluate(c, str(workdir), engine=shared,
+                                     stop_requested=(lambda s, k=stop: s == k) if stop else None)
+        except train.Preempted:
+            pass
+    return bn
+
+
+# A process with 4 CPU devices (the device count is fixed when JAX starts).
+_FOUR_DEVICES = r"""
 import json, sys
-sys.path.insert(0, {root!r})
-import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from configs import default
-from cifar_jax import engine, main, train
-from cifar_jax.models.layers import BatchNorm
-
+sys.path[:0] = [{root!r}, {tests!r}]
+from cifar_jax import main
 main.enable_compilation_cache({cache!r})
-
-# BatchNorm under the data-parallel mesh: statistics and gradients of the global batch.
-class ConvBN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(2):
-            x = nn.relu(BatchNorm()(nn.Conv(8, (3, 3))(x)))
-        return jnp.mean(x ** 2)
-
-x = jax.random.normal(jax.random.PRNGKey(0), (32, 8, 8, 3)) * jnp.arange(32)[:, None, None, None] / 8
-mesh = Mesh(np.array(jax.devices()), ("data",))
-v = ConvBN().init(jax.random.PRNGKey(1), x)
-def loss(p):
-    xs = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
-    out, upd = ConvBN().apply({{**v, "params": p}}, xs, mutable=["batch_stats"])
-    return out, upd
-(l, upd), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
-bn = {{"loss": float(l), "stats": [np.asarray(a).tolist() for a in jax.tree.leaves(upd)],
-       "grads": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(g)]}}
-
-c = default.get_config()
-c.model = "tiny"; c.num_epochs = 2; c.batch_size = 32; c.eval_batch_size = 20
-c.log_every_steps = 1; c.data.source = "synthetic"; c.data.synthetic_train_size = 180
-c.data.val_size = 20; c.data.synthetic_test_size = 20
-shared = engine.Engine()
-for workdir, stop in {runs!r}:  # several runs in one process share its compiled programs
-    try:
-        train.train_and_evaluate(c, workdir, engine=shared,
-                                 stop_requested=(lambda s, k=stop: s == k) if stop else None)
-    except train.Preempted:
-        pass
-print("RESULT", json.dumps({{"devices": jax.device_count(), "bn": bn}}))
+import jax
+from test_reliability import _bn_and_runs
+print("RESULT", json.dumps({{"devices": jax.device_count(), "bn": _bn_and_runs({runs!r})}}))
 """
 
 
-def _multi(devices, runs):
-    """Runs (workdir, stop step or 0) in one process with `devices` CPU devices."""
+def _on_four_devices(runs):
     from conftest import CACHE_DIR
 
-    env = _env()
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    runs = [(str(w), stop) for w, stop in runs]
-    proc = subprocess.run([sys.executable, "-c", _MULTI.format(root=ROOT, runs=runs,
-                                                               cache=CACHE_DIR)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    script = _FOUR_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
+                                  runs=[(str(w), stop) for w, stop in runs], cache=CACHE_DIR)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    assert out["devices"] == devices
+    assert out["devices"] == 4
     return out["bn"]
 
 
 def test_one_and_four_devices_agree_and_checkpoints_move_between_them(tmp_path):
-    # 1 device: the reference run, and one stopped at an epoch boundary (step 5) ...
-    bn_one = _multi(1, [(tmp_path / "one", 0), (tmp_path / "one_then_four", 5)])
+    # 1 device (this process): the reference run, and one stopped at an epoch boundary
+    # (step 5) ...
+    assert jax.device_count() == 1
+    bn_one = _bn_and_runs([(tmp_path / "one", 0), (tmp_path / "one_then_four", 5)])
     # ... 4 devices: that one resumed, and another stopped mid-epoch (step 3) ...
-    bn_four = _multi(4, [(tmp_path / "one_then_four", 0), (tmp_path / "four_then_one", 3)])
-    _multi(1, [(tmp_path / "four_then_one", 0)])  # ... resumed on 1.
+    bn_four = _on_four_devices([(tmp_path / "one_then_four", 0), (tmp_path / "four_then_one", 3)])
+    _bn_and_runs([(tmp_path / "four_then_one", 0)])  # ... resumed on 1.
 
     # BatchNorm statistics and gradients are those of the global batch on 4 devices.
     np.testing.assert_allclose(bn_four["loss"], bn_one["loss"], rtol=1e-5)

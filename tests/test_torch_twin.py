@@ -75,10 +75,11 @@ def test_train_mode_forward_and_running_stats_agree(name):
 
 # Shorter forms of the slowest models for the float64 step comparisons: every kind of layer and
 # block they have (MobileNetV2: an expansion-1 block, a strided expansion-6 block and a residual
-# one; ResNet-18: one block per stage, projections included; the ViT: two encoder blocks), in a
-# fraction of the float64 compile and run time (their full forms: the float32 tests above).
+# one; ResNet-18: one block per stage, projections included; the ViT: two encoder blocks;
+# AlexNet: every layer, its classifier 256 wide instead of 4096), in a fraction of the float64
+# compile and run time (their full forms: the float32 tests above).
 SHORT = {"mobilenetv2": dict(setting=((1, 16, 1, 1), (6, 24, 2, 2))), "vit": dict(depth=2),
-         "resnet18": dict(stage_sizes=(1, 1, 1, 1))}
+         "resnet18": dict(stage_sizes=(1, 1, 1, 1)), "alexnet": dict(hidden=256)}
 # Image sides for those comparisons: the convolutional networks pool globally and take 16x16
 # (a quarter of the float64 work); AlexNet's classifier and the ViT's positions need 32x32.
 SIDE = {"mobilenetv2": 16, "resnet18": 16}

@@ -1,7 +1,8 @@
 """AlexNet adapted to 32x32 CIFAR images (no BatchNorm).
 
 Five 3x3 convs (the first at stride 2) with three 2x2 max-pools leave a 2x2x256 map, which
-feeds a 4096-4096-10 classifier with dropout before each hidden Dense layer.
+feeds a 4096-4096-10 classifier with dropout before each hidden Dense layer (`hidden`: 4096,
+the study's width; a test uses a narrower one).
 """
 
 from typing import Any, Optional
@@ -16,6 +17,7 @@ class AlexNet(nn.Module):
     classifier = "fc3"  # the classifier layer's name (not a field)
     num_classes: int = 10
     dropout_rate: float = 0.5  # default; the train step may pass the rate as data instead
+    hidden: int = 4096  # width of the two hidden Dense layers
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -43,8 +45,8 @@ class AlexNet(nn.Module):
         # Flatten in PyTorch's (C, H, W) order so converted weights line up with the twin.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         x = dropout(x, rate, deterministic=not train, module=self)
-        x = nn.relu(dense(x, 4096, "fc1"))
+        x = nn.relu(dense(x, self.hidden, "fc1"))
         x = dropout(x, rate, deterministic=not train, module=self)
-        x = nn.relu(dense(x, 4096, "fc2"))
+        x = nn.relu(dense(x, self.hidden, "fc2"))
         x = dense(x, self.num_classes, self.classifier)
         return x.astype(jnp.float32)

@@ -113,7 +113,7 @@ class ResNet50(ResNet):
 
 
 class AlexNet(nn.Module):
-    def __init__(self, num_classes=10, dropout_rate=0.5):
+    def __init__(self, num_classes=10, dropout_rate=0.5, hidden=4096):
         super().__init__()
         self.dropout_rate = dropout_rate
         self.conv1 = nn.Conv2d(3, 64, 3, 2, 1)
@@ -121,9 +121,9 @@ class AlexNet(nn.Module):
         self.conv3 = nn.Conv2d(192, 384, 3, 1, 1)
         self.conv4 = nn.Conv2d(384, 256, 3, 1, 1)
         self.conv5 = nn.Conv2d(256, 256, 3, 1, 1)
-        self.fc1 = nn.Linear(256 * 2 * 2, 4096)
-        self.fc2 = nn.Linear(4096, 4096)
-        self.fc3 = nn.Linear(4096, num_classes)
+        self.fc1 = nn.Linear(256 * 2 * 2, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
 
     def forward(self, x, dropout_rate: Optional[float] = None):
         p = self.dropout_rate if dropout_rate is None else dropout_rate
