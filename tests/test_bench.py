@@ -57,6 +57,10 @@ def test_bench_smoke_output_format(tmp_path):
     assert data["models"]["tiny"]["macs_per_image"] == 16 * 27 * 32 * 32 + 32 * 144 * 16 * 16 + 320
     jax_line = next(line for line in data["table"].splitlines() if "| jax | steps |" in line)
     assert len(re.findall(r"\| \d+\.\d\dx \|", jax_line)) == 2  # train and eval ratios
+    # Evaluation as a share of the matmul peak: eval img/s x 2 x MACs / peak.
+    share = 100 * rows[("jax", "steps", 2)]["eval_images_per_s"] * 2 * data["models"]["tiny"][
+        "macs_per_image"] / 1e9 / data["matmul_peak_gflops"]
+    assert f"| {share:.0f}% |" in jax_line and "GFLOP/s (one large square matmul" in data["table"]
     assert " min |" in data["table"]  # projected grid share
     (eff,) = data["efficiency"]
     assert 0.01 < eff["checkpoint_mb"] < 0.1  # 5,466 float32 parameters and BN statistics

@@ -47,9 +47,13 @@ def test_unknown_model_lists_valid_names():
         get_model("vgg16")
 
 
-# MobileNetV2 in a short form (an expansion-1, a strided and a residual block): the same
-# layers, wired the same way, in a fraction of the op-by-op time.
-SHORT = {"mobilenetv2": dict(setting=((1, 16, 1, 1), (6, 24, 2, 2)))}
+# Short forms for the mode tests (their behaviour is per layer): MobileNetV2 with an
+# expansion-1, a strided and a residual block; ResNet-18 with one block per stage; the ViT with
+# one encoder block; AlexNet with a 256-wide classifier. The same layers, wired the same way,
+# in a fraction of the compile time.
+SHORT = {"mobilenetv2": dict(setting=((1, 16, 1, 1), (6, 24, 2, 2))),
+         "resnet18": dict(stage_sizes=(1, 1, 1, 1)), "vit": dict(depth=1),
+         "alexnet": dict(hidden=256)}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
@@ -133,9 +137,13 @@ def test_depthwise_shifts_equal_the_grouped_convolution(strides):
 
 def test_mobilenetv2_depthwise_forms_share_parameters_and_outputs():
     """Either depthwise form initialises the same parameters (same names, shapes, values: the
-    same checkpoints) and computes the same logits."""
+    same checkpoints) and computes the same logits. On a short form with each kind of block
+    (expansion 1; expansion 6, strided; expansion 6, residual): the full network repeats
+    the same blocks."""
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-    forms = {impl: get_model("mobilenetv2", depthwise=impl) for impl in ("shifts", "grouped")}
+    short = dict(setting=((1, 16, 1, 1), (6, 24, 2, 2)))
+    forms = {impl: get_model("mobilenetv2", depthwise=impl, **short)
+             for impl in ("shifts", "grouped")}
     variables = {impl: _init(m) for impl, m in forms.items()}
     assert jax.tree.structure(variables["shifts"]) == jax.tree.structure(variables["grouped"])
     for a, b in zip(jax.tree.leaves(variables["shifts"]), jax.tree.leaves(variables["grouped"])):

@@ -18,10 +18,10 @@ from cifar_jax.checkpointing import CheckpointError, Checkpoints
 from conftest import CACHE_FLAG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Tiny AlexNet run for subprocess tests: 15 steps/epoch, 2 epochs.
+# Tiny AlexNet run for subprocess tests: 6 steps/epoch, 2 epochs, progress every 2 steps.
 CLI_OVERRIDES = ["--config.num_epochs=2", "--config.batch_size=32", "--config.eval_batch_size=100",
-                 "--config.data.synthetic_train_size=580", "--config.data.val_size=100",
-                 "--config.data.synthetic_test_size=100", "--config.log_every_steps=5",
+                 "--config.data.synthetic_train_size=292", "--config.data.val_size=100",
+                 "--config.data.synthetic_test_size=100", "--config.log_every_steps=2",
                  CACHE_FLAG]
 
 
@@ -91,9 +91,9 @@ def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig,
     workdir = tmp_path / "dir with spaces"
     proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stderr=subprocess.PIPE, text=True, env=_env())
     lines = []
-    for line in proc.stderr:  # wait until training is under way (first progress line, step 5)
+    for line in proc.stderr:  # wait until training is under way (the second progress line)
         lines.append(line)
-        if "step 5/30" in line:
+        if "step 2/12" in line:
             for _ in range(times):
                 proc.send_signal(sig)
                 time.sleep(0.2)
@@ -109,7 +109,7 @@ def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig,
     ckpts = Checkpoints(str(workdir))
     step = ckpts.latest_step()
     ckpts.close()
-    assert 0 < step < 15, f"expected a mid-epoch checkpoint, got step {step}"
+    assert 0 < step < 6, f"expected a mid-epoch checkpoint, got step {step}"
     if sig != signal.SIGTERM:
         return
     resumed = _run_cli(workdir)
@@ -138,7 +138,7 @@ def test_kill_during_save_keeps_previous_checkpoint(reference_run, tmp_path):
 
     resumed = _run_cli(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed {tmp_path} from checkpoint 15 " in resumed.stderr
+    assert f"Resumed {tmp_path} from checkpoint 6 " in resumed.stderr
     assert not glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))  # cleaned up
     assert _metrics(tmp_path) == _metrics(reference_run)
     assert _result(tmp_path) == _result(reference_run)
