@@ -18,10 +18,10 @@ the same `--precision` (TF32 or true float32), set explicitly on both and record
 Per model the table gives train images/s, the first step's time (compilation included; JAX
 also warm, from the persistent compilation cache), eval images/s, device memory (JAX: held
 while training, states and data included, as JAX keeps no per-program peak; PyTorch: peak
-allocated), float32 evaluation as a share of the device's matmul peak (measured first: one
-large square matmul; the ceiling of a network of convolutions and matmuls), and the projected
-wall time of the model's share of the study's grid (configs/grid.py). The JSON (`--out`) holds
-every number.
+allocated), evaluation in GFLOP/s (2 per multiply-accumulate) beside JAX's own rate for one
+large float32 matmul on the device (measured first, in the settings line: how near a network's
+evaluation runs to XLA's best kernel), and the projected wall time of the model's share of the
+study's grid (configs/grid.py). The JSON (`--out`) holds every number.
 """
 
 import os
@@ -103,11 +103,11 @@ def count_macs(fn, *args) -> int:
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def matmul_peak_gflops(precision: str) -> float:
-    """float32 GFLOP/s of one large square matmul at `precision` on the default device: what
-    the hardware and XLA's best kernel reach, the ceiling for a model's evaluation (which is
-    almost all matmuls and convolutions). 2048 wide on a CPU (already at its peak there),
-    8192 on an accelerator. Median of max(3, --windows) timed calls."""
+def matmul_gflops(precision: str) -> float:
+    """float32 GFLOP/s of one large square matmul at `precision` on the default device, in
+    JAX: XLA's best kernel, a yardstick for a network's evaluation (almost all matmuls and
+    convolutions; other libraries' kernels may run faster). 2048 wide on a CPU (as fast as
+    larger ones there), 8192 on an accelerator. Median of max(3, --windows) timed calls."""
     import jax
     import jax.numpy as jnp
 
@@ -370,7 +370,7 @@ def _kind(row: Dict[str, Any]) -> str:
     return "bf16" if "bfloat16" in row["dtype"] else "f32"
 
 
-def settings_line(peak_gflops: float) -> str:
+def settings_line(matmul: float) -> str:
     """What the table's figures were measured with, as its first line."""
     import jax
 
@@ -378,20 +378,17 @@ def settings_line(peak_gflops: float) -> str:
             f"{FLAGS.chunk_steps} steps, median of {FLAGS.windows} chunks; evaluation batch "
             f"{FLAGS.eval_batch_size}, full batches only; precision {FLAGS.precision}; device "
             f"{jax.devices()[0].device_kind} ({jax.device_count()} JAX device(s), "
-            f"{os.cpu_count()} CPU cores), its float32 matmul peak {peak_gflops:,.0f} GFLOP/s "
-            "(one large square matmul in JAX).")
+            f"{os.cpu_count()} CPU cores); one large float32 matmul in JAX runs at "
+            f"{matmul:,.0f} GFLOP/s here.")
 
 
-def peak_share(row: Dict[str, Any], macs_per_image: int, peak_gflops: float) -> str:
-    """A float32 row's evaluation throughput as a share of the matmul peak (2 FLOPs per
-    multiply-accumulate); blank for bfloat16 rows, whose peak is another."""
-    if _kind(row) != "f32" or not peak_gflops:
-        return ""
-    return f"{100 * row['eval_images_per_s'] * 2 * macs_per_image / 1e9 / peak_gflops:.0f}%"
+def eval_gflops(row: Dict[str, Any], macs_per_image: int) -> float:
+    """A row's evaluation throughput in GFLOP/s (2 per multiply-accumulate)."""
+    return row["eval_images_per_s"] * 2 * macs_per_image / 1e9
 
 
 def markdown_table(rows: List[Dict[str, Any]], info: Dict[str, Dict[str, Any]],
-                   peak_gflops: float) -> str:
+                   matmul: float) -> str:
     study = study_shape()
     fastest: Dict[tuple, float] = {}  # (model, dtype kind, metric) -> the best PyTorch figure
     for r in rows:
@@ -404,11 +401,10 @@ def markdown_table(rows: List[Dict[str, Any]], info: Dict[str, Dict[str, Any]],
         best = fastest.get((r["model"], _kind(r), metric))
         return f"{r[metric] / best:.2f}x" if r["framework"] == "jax" and best else ""
 
-    lines = [settings_line(peak_gflops), "",
+    lines = [settings_line(matmul), "",
              "| model | params | MACs/image | framework | variant | pack | precision | train "
              "img/s | vs fastest PyTorch of its dtype | first step s (cold / warm) | eval img/s "
-             "| vs fastest PyTorch eval | eval, of the matmul peak | device MB | projected grid "
-             "share |",
+             "| vs fastest PyTorch eval | eval GFLOP/s | device MB | projected grid share |",
              "| --- | ---: | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: "
              "| ---: | ---: | ---: |"]
     for r in rows:
@@ -421,7 +417,7 @@ def markdown_table(rows: List[Dict[str, Any]], info: Dict[str, Dict[str, Any]],
             f"{r['train_images_per_s']:,.0f} | {ratio(r, 'train_images_per_s')} | "
             f"{r['first_step_cold_s']:.1f}{warm} | {r['eval_images_per_s']:,.0f} | "
             f"{ratio(r, 'eval_images_per_s')} | "
-            f"{peak_share(r, m['macs_per_image'], peak_gflops)} | {mem} | "
+            f"{eval_gflops(r, m['macs_per_image']):,.0f} | {mem} | "
             f"{projected_grid_seconds(r, study) / 60:.1f} min |")
     return "\n".join(lines)
 
@@ -475,7 +471,7 @@ def main(argv):
     cache = tempfile.TemporaryDirectory()
     jax.config.update("jax_compilation_cache_dir", cache.name)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    peak = matmul_peak_gflops(FLAGS.precision)
+    matmul = matmul_gflops(FLAGS.precision)
     rows, info = [], {}
     for model in FLAGS.models:
         info[model] = model_info(model)
@@ -484,31 +480,31 @@ def main(argv):
                 for k in map(int, FLAGS.pack_sizes):
                     logging.info("Timing JAX %s, %s, pack of %d ...", model, variant, k)
                     rows.append(bench_jax(model, variant, k, FLAGS.precision))
-                    write_out(info, rows, peak)
+                    write_out(info, rows, matmul)
         if "torch" in FLAGS.frameworks:
             for variant in FLAGS.torch_variants:
                 logging.info("Timing PyTorch %s, %s ...", model, variant)
                 rows.append(bench_torch(model, variant, FLAGS.precision))
-                write_out(info, rows, peak)
+                write_out(info, rows, matmul)
     efficiency = [efficiency_jax(m) for m in FLAGS.models] if FLAGS.efficiency else []
     deploy = [r for trained in to_deploy for r in deployment.measure(trained)]
     table = "\n\n".join(part for part in (
-        markdown_table(rows, info, peak) if rows else "",
+        markdown_table(rows, info, matmul) if rows else "",
         efficiency_table(efficiency) if efficiency else "",
         deployment.table(deploy) if deploy else "") if part)
     print(table)
-    write_out(info, rows, peak, efficiency, deploy, table)
+    write_out(info, rows, matmul, efficiency, deploy, table)
 
 
-def write_out(info, rows, peak_gflops, efficiency=(), deploy=(), table=None) -> None:
+def write_out(info, rows, matmul, efficiency=(), deploy=(), table=None) -> None:
     """--out, rewritten atomically after every measurement: a bench stopped by a time limit
     (a rented GPU's) keeps the rows it finished; `table` is None until the end."""
     if FLAGS.out:
         workdir_lib.write_json_atomic(FLAGS.out, {
             "batch_size": FLAGS.batch_size, "chunk_steps": FLAGS.chunk_steps, "models": info,
-            "matmul_peak_gflops": peak_gflops, "rows": rows, "efficiency": list(efficiency),
+            "matmul_gflops": matmul, "rows": rows, "efficiency": list(efficiency),
             "deployment": list(deploy),
-            "table": table if table is not None else markdown_table(rows, info, peak_gflops)})
+            "table": table if table is not None else markdown_table(rows, info, matmul)})
 
 if __name__ == "__main__":
     cli.run(main)
