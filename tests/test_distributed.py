@@ -207,8 +207,7 @@ def test_alexnet_in_two_processes_equals_one_process_with_two_devices(tmp_path):
     _assert_same_run(tmp_path / "two", tmp_path / "one", steps=(2, 4))
 
 
-def test_grid_of_two_trials_in_two_processes_trains_each_once_with_one_report(reference,
-                                                                            tmp_path):
+def test_grid_of_two_trials_in_two_processes_trains_each_once_with_one_report(tmp_path):
     workdir = tmp_path / "grid"
     err0, err1 = _run(workdir, config="configs/grid.py", extra=GRID)
     assert err0.count("Grid: 0 done, 0 failed; running tiny") == 1
