@@ -379,7 +379,7 @@ def settings_line(matmul: float) -> str:
             f"{FLAGS.eval_batch_size}, full batches only; precision {FLAGS.precision}; device "
             f"{jax.devices()[0].device_kind} ({jax.device_count()} JAX device(s), "
             f"{os.cpu_count()} CPU cores); one large float32 matmul in JAX runs at "
-            f"{matmul:,.0f} GFLOP/s here.")
+            f"{matmul:,.0f} GFLOP/s here at that precision.")
 
 
 def eval_gflops(row: Dict[str, Any], macs_per_image: int) -> float:
@@ -471,7 +471,7 @@ def main(argv):
     cache = tempfile.TemporaryDirectory()
     jax.config.update("jax_compilation_cache_dir", cache.name)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    matmul = matmul_gflops(FLAGS.precision)
+    matmul = matmul_gflops(FLAGS.precision) if FLAGS.models else 0.0  # --deploy alone: none
     rows, info = [], {}
     for model in FLAGS.models:
         info[model] = model_info(model)

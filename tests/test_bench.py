@@ -61,12 +61,21 @@ def test_bench_smoke_output_format(tmp_path):
     gflops = rows[("jax", "steps", 2)]["eval_images_per_s"] * 2 * data["models"]["tiny"][
         "macs_per_image"] / 1e9
     assert f"| {gflops:,.0f} |" in jax_line
-    assert f"one large float32 matmul in JAX runs at {data['matmul_gflops']:,.0f} GFLOP/s" in (
+    assert f"one large float32 matmul in JAX runs at {data['matmul_gflops']:,.0f} GFLOP/s " in (
         data["table"]) and data["matmul_gflops"] > 0
     assert " min |" in data["table"]  # projected grid share
     (eff,) = data["efficiency"]
     assert 0.01 < eff["checkpoint_mb"] < 0.1  # 5,466 float32 parameters and BN statistics
     assert eff["latency_batch1_ms"] > 0 and eff["throughput_batch1024"] > 0
+
+
+def test_bench_writes_nothing_unless_asked(tmp_path):
+    """Without --out nothing is written (here with nothing to time, the cheapest full run)."""
+    proc = subprocess.run([sys.executable, "-m", "cifar_jax.bench", "--models="], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(tmp_path) == []
 
 
 def test_bad_flags_and_an_unwritable_out_are_refused_before_any_timing(tmp_path):
