@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -43,3 +44,13 @@ def make_tiny_config():
     config.data.synthetic_test_size = 100
     config.data.val_size = 100
     return config
+
+
+def read_metrics(workdir):
+    """A run's metrics.jsonl records without their timings, which legitimately differ
+    between runs that are otherwise identical."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    for r in records:
+        r.pop("epoch_time_s"), r.pop("images_per_sec")
+    return records

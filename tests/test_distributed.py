@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CACHE_FLAG
+from conftest import CACHE_FLAG, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny CNN, 2 epochs of 8 steps, a progress line every step (the tests act on them).
@@ -96,14 +96,6 @@ def _wait_for(proc, text, timeout=120):
     return "".join(lines)
 
 
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    for r in records:
-        r.pop("epoch_time_s"), r.pop("images_per_sec")
-    return records
-
-
 def _final(workdir, step):
     """result.json without timings, and the final checkpoint's (`step`) arrays."""
     import orbax.checkpoint as ocp
@@ -119,7 +111,7 @@ def _final(workdir, step):
 
 def _assert_same_run(workdir, reference, steps=(8, 16)):
     """Epoch-end `steps`, their metrics, the test accuracy and the final weights agree."""
-    ours, theirs = _metrics(workdir), _metrics(reference)
+    ours, theirs = read_metrics(workdir), read_metrics(reference)
     assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(steps)
     for a, b in zip(ours, theirs):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
@@ -215,7 +207,7 @@ def test_grid_of_two_trials_in_two_processes_trains_each_once_with_one_report(tm
     trials = sorted(glob.glob(str(workdir / "trials/tiny/*")))
     assert len(trials) == 2
     for trial in trials:
-        assert len(_metrics(trial)) == 2
+        assert len(read_metrics(trial)) == 2
     events = glob.glob(str(workdir / "**/events.out.tfevents.*"), recursive=True)
     assert len({name.split(".")[-2] for name in events}) == 1  # one writer: process 0's pid
     with open(workdir / "results.csv") as f:

@@ -15,7 +15,7 @@ import pytest
 
 from cifar_jax import checkpointing, engine, input_pipeline, train
 from cifar_jax.checkpointing import CheckpointError, Checkpoints
-from conftest import CACHE_FLAG
+from conftest import CACHE_FLAG, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny AlexNet run for subprocess tests: 6 steps/epoch, 2 epochs, a progress line (and a stop
@@ -40,15 +40,6 @@ def _env(**extra):
 def _run_cli(workdir, *extra, env=None):
     return subprocess.run(_cli(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=env or _env())
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    for r in records:  # timings legitimately differ
-        for k in ("epoch_time_s", "images_per_sec"):
-            r.pop(k)
-    return records
 
 
 def _result(workdir):
@@ -116,7 +107,7 @@ def test_signal_saves_mid_epoch_and_resume_matches(reference_run, tmp_path, sig,
     resumed = _run_cli(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed {workdir} from checkpoint {step} " in resumed.stderr
-    assert _metrics(workdir) == _metrics(reference_run)
+    assert read_metrics(workdir) == read_metrics(reference_run)
     assert _result(workdir) == _result(reference_run)
 
 
@@ -141,7 +132,7 @@ def test_kill_during_save_keeps_previous_checkpoint(reference_run, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed {tmp_path} from checkpoint 6 " in resumed.stderr
     assert not glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))  # cleaned up
-    assert _metrics(tmp_path) == _metrics(reference_run)
+    assert read_metrics(tmp_path) == read_metrics(reference_run)
     assert _result(tmp_path) == _result(reference_run)
 
 
@@ -204,7 +195,7 @@ def test_resume_at_boundaries_is_bit_exact(tiny_config, tmp_path):
 
     assert {k: v for k, v in resumed.items() if k not in ("train_time_s", "images_per_sec")} == \
            {k: v for k, v in straight.items() if k not in ("train_time_s", "images_per_sec")}
-    assert _metrics(stepped) == _metrics(tmp_path / "straight")
+    assert read_metrics(stepped) == read_metrics(tmp_path / "straight")
     step_a, a = _final_arrays(tiny_config, str(tmp_path / "straight"))
     step_b, b = _final_arrays(tiny_config, stepped)
     assert step_a == step_b == 2 * spe
@@ -304,16 +295,14 @@ def test_checkpoint_retention_keeps_latest_and_best(tiny_config, tmp_path, monke
 # ----------------------------------------------------------------------------------------------
 # Several devices (a subprocess with 4 CPU devices).
 
-def _bn_and_runs(runs):
+def _global_batch_norm():
     """On this process's devices: BatchNorm's loss, statistics and gradients under the
-    data-parallel mesh (those of the global batch), then the tiny runs (workdir, stop step or
-    0), which share their compiled programs."""
+    data-parallel mesh (those of the global batch)."""
     import flax.linen as nn
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from cifar_jax.models.layers import BatchNorm
-    from configs import default
 
     class ConvBN(nn.Module):
         @nn.compact
@@ -332,8 +321,14 @@ def _bn_and_runs(runs):
         return ConvBN().apply({**v, "params": p}, xs, mutable=["batch_stats"])
 
     (l, upd), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
-    bn = {"loss": float(l), "stats": [np.asarray(a).tolist() for a in jax.tree.leaves(upd)],
-          "grads": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(g)]}
+    return {"loss": float(l), "stats": [np.asarray(a).tolist() for a in jax.tree.leaves(upd)],
+            "grads": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(g)]}
+
+
+def _tiny_runs(runs):
+    """The tiny CNN's runs (workdir, stop step or 0) on this process's devices, sharing their
+    compiled programs."""
+    from configs import default
 
     c = default.get_config()
     c.model, c.num_epochs, c.batch_size, c.eval_batch_size = "tiny", 2, 32, 20
@@ -346,7 +341,6 @@ def _bn_and_runs(runs):
                                      stop_requested=(lambda s, k=stop: s == k) if stop else None)
         except train.Preempted:
             pass
-    return bn
 
 
 # A process with 4 CPU devices (the device count is fixed when JAX starts).
@@ -356,8 +350,10 @@ sys.path[:0] = [{root!r}, {tests!r}]
 from cifar_jax import main
 main.enable_compilation_cache({cache!r})
 import jax
-from test_reliability import _bn_and_runs
-print("RESULT", json.dumps({{"devices": jax.device_count(), "bn": _bn_and_runs({runs!r})}}))
+from test_reliability import _global_batch_norm, _tiny_runs
+bn = _global_batch_norm()
+_tiny_runs({runs!r})
+print("RESULT", json.dumps({{"devices": jax.device_count(), "bn": bn}}))
 """
 
 
@@ -379,10 +375,11 @@ def test_one_and_four_devices_agree_and_checkpoints_move_between_them(tmp_path):
     # 1 device (this process): the reference run, and one stopped at an epoch boundary
     # (step 5) ...
     assert jax.device_count() == 1
-    bn_one = _bn_and_runs([(tmp_path / "one", 0), (tmp_path / "one_then_four", 5)])
+    bn_one = _global_batch_norm()
+    _tiny_runs([(tmp_path / "one", 0), (tmp_path / "one_then_four", 5)])
     # ... 4 devices: that one resumed, and another stopped mid-epoch (step 3) ...
     bn_four = _on_four_devices([(tmp_path / "one_then_four", 0), (tmp_path / "four_then_one", 3)])
-    _bn_and_runs([(tmp_path / "four_then_one", 0)])  # ... resumed on 1.
+    _tiny_runs([(tmp_path / "four_then_one", 0)])  # ... resumed on 1.
 
     # BatchNorm statistics and gradients are those of the global batch on 4 devices.
     np.testing.assert_allclose(bn_four["loss"], bn_one["loss"], rtol=1e-5)
@@ -390,10 +387,10 @@ def test_one_and_four_devices_agree_and_checkpoints_move_between_them(tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     # (Per-device statistics would differ: the batch's scale varies along the batch.)
 
-    one = _metrics(tmp_path / "one")
+    one = read_metrics(tmp_path / "one")
     assert len(one) == 2
     for other in ("four_then_one", "one_then_four"):
-        records = _metrics(tmp_path / other)
+        records = read_metrics(tmp_path / other)
         assert [r["step"] for r in records] == [r["step"] for r in one]
         for a, b in zip(one, records):
             for key in ("train_loss", "val_loss", "train_accuracy"):
